@@ -1,0 +1,49 @@
+"""The ``pmoe`` command line.
+
+Every module in :mod:`pmoe.commands` is one sub-command: its docstring is the help text,
+``add_arguments(parser)`` declares its options and ``run(args)`` does the work. Errors the
+user can fix (:class:`pmoe.errors.PmoeError`) are printed without a traceback.
+
+Usage: ``pmoe --help`` lists the commands; ``pmoe COMMAND --help`` shows one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from pmoe import commands
+from pmoe.errors import PmoeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"pmoe.commands.{info.name}")
+        doc = (module.__doc__ or info.name).strip()
+        command = sub.add_parser(
+            info.name, help=doc.splitlines()[0], description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except PmoeError as error:
+        print(f"pmoe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pmoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
