@@ -18,8 +18,12 @@ __all__ = ["Config", "PmoeError", "PromptMoE", "build_model", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("build_model", "PromptMoE"):
-        from pmoe import model
+    """``build_model``/``PromptMoE`` and the submodules (``pmoe.inference``...) load on first use."""
+    import importlib
 
-        return getattr(model, name)
-    raise AttributeError(f"module 'pmoe' has no attribute {name!r}")
+    if name in ("build_model", "PromptMoE"):
+        return getattr(importlib.import_module("pmoe.model"), name)
+    try:
+        return importlib.import_module(f"pmoe.{name}")
+    except ModuleNotFoundError as error:
+        raise AttributeError(f"module 'pmoe' has no attribute {name!r}") from error

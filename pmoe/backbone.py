@@ -45,7 +45,7 @@ def load_clip(config) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             clip = open_clip.create_model(name, pretrained=None, **kwargs)
-    elif _looks_like_path(weights):
+    elif looks_like_path(weights):
         clip = open_clip.create_model(name, pretrained=None, **kwargs)
         _load_weights_file(clip, Path(weights).expanduser(), name)
     else:
@@ -60,7 +60,7 @@ def load_clip(config) -> nn.Module:
     return clip.eval().requires_grad_(False)
 
 
-def _looks_like_path(weights: str) -> bool:
+def looks_like_path(weights: str) -> bool:
     return "/" in weights or "\\" in weights or Path(weights).suffix in {".pt", ".pth", ".bin", ".safetensors"}
 
 

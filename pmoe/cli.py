@@ -1,6 +1,6 @@
 """The ``pmoe`` command line.
 
-Every module in :mod:`pmoe.commands` is one sub-command: its docstring is the help text,
+Every public module in :mod:`pmoe.commands` is one sub-command: its docstring is the help text,
 ``add_arguments(parser)`` declares its options and ``run(args)`` does the work. Errors the
 user can fix (:class:`pmoe.errors.PmoeError`) are printed without a traceback.
 
@@ -19,9 +19,13 @@ from pmoe.errors import PmoeError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pmoe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pmoe", description="PromptMoE zero-shot anomaly detection: data, training, evaluation, inference, "
+        "and the paper's tables and figures. `pmoe COMMAND --help` shows one command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
         module = importlib.import_module(f"pmoe.commands.{info.name}")
         doc = (module.__doc__ or info.name).strip()
         command = sub.add_parser(

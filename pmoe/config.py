@@ -200,14 +200,14 @@ BASES = {
         "vv_start": 1,
         "num_heads": 4,
         "router_hidden": 32,
-        "epochs": 4,
+        "epochs": 2,
         "batch_size": 8,
         "warmup_epochs": 1,
         "lr": 3e-3,
         "seed": 0,
     },
 }
-BASES["demo"] = {**BASES["tiny"], "epochs": 6}
+BASES["demo"] = {**BASES["tiny"], "epochs": 4}
 
 # Ablation presets: overrides laid over a base (Tables 2-6 and Figure 7).
 ABLATIONS = {

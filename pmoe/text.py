@@ -12,12 +12,20 @@ of all 77 gives the same features exactly. All prompts of a step go through one 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 PAD_TOKEN = 0
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer() -> SimpleTokenizer:
+    """CLIP's BPE tokenizer, built once per process (building it takes about half a second)."""
+    return SimpleTokenizer()
 
 
 class TextEncoder(nn.Module):
@@ -64,7 +72,7 @@ class PromptAssembler(nn.Module):
     def __init__(self, token_embedding: nn.Embedding):
         super().__init__()
         self.token_embedding = token_embedding
-        self.tokenizer = SimpleTokenizer()
+        self.tokenizer = clip_tokenizer()
 
     def class_token_ids(self, names) -> list:
         """BPE token ids of each class name (without SOS/EOT)."""

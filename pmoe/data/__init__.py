@@ -33,4 +33,6 @@ LOADER_NAMES = ("AnomalyDataset", "CLIP_MEAN", "CLIP_STD", "load_image", "load_m
 def __getattr__(name):
     if name in LOADER_NAMES:
         return getattr(importlib.import_module("pmoe.data.loader"), name)
+    if name in ("synthetic", "twins"):
+        return importlib.import_module(f"pmoe.data.{name}")
     raise AttributeError(f"module 'pmoe.data' has no attribute {name!r}")

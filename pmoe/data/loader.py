@@ -100,12 +100,24 @@ class AnomalyDataset(torch.utils.data.Dataset):
         return np.array([record[3] for record in self.records], dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict:
+        image = open_image(self.root / self.records[index][0])
+        item = self.fields(index, image.size)
+        item["image"] = image_tensor(image, self.image_size, self.records[index][4])
+        return item
+
+    def fields(self, index: int, image_shape=None) -> dict:
+        """Item ``index`` without its image: label, cls, path, crop and (with ``return_mask``) mask.
+
+        ``image_shape`` (w, h) is the image's size for the mask check; when not given only the
+        image file's header is read, never its pixels (the feature cache uses this).
+        """
         image_path, mask_path, cls, label, crop = self.records[index]
-        image = open_image(self.root / image_path)
-        item = {"image": image_tensor(image, self.image_size, crop), "label": int(label),
-                "cls": cls, "path": image_path, "crop": crop}
+        item = {"label": int(label), "cls": cls, "path": image_path, "crop": crop}
         if self.return_mask:
-            item["mask"] = self._mask(mask_path, image.size, crop)
+            if image_shape is None and mask_path:
+                with Image.open(self.root / image_path) as header:
+                    image_shape = header.size
+            item["mask"] = self._mask(mask_path, image_shape, crop)
         return item
 
     def _mask(self, mask_path: str, image_shape, crop: str) -> torch.Tensor:

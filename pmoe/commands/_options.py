@@ -1,0 +1,27 @@
+"""Options shared by several sub-commands (this module is not a command itself)."""
+
+from __future__ import annotations
+
+
+def add_cache_options(parser, what: str = "compute CLIP features without caching") -> None:
+    """--cache-dir / --no-cache for the frozen-feature cache."""
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", help="frozen-feature cache folder (default $PMOE_CACHE or ~/.cache/pmoe/features)")
+    cache.add_argument("--no-cache", action="store_true", help=what)
+
+
+def cache_dir(args):
+    """The cache folder the options ask for (None with --no-cache)."""
+    from pmoe.features import default_cache_dir
+
+    return None if args.no_cache else (args.cache_dir or default_cache_dir())
+
+
+def add_device_options(parser, batch_size: int | None, workers_help: str = "data-loading worker processes") -> None:
+    """--batch-size (when given a default), --workers, --device, --quiet."""
+    if batch_size is not None:
+        parser.add_argument("--batch-size", type=int, default=batch_size,
+                            help=f"images per forward pass (default {batch_size})")
+    parser.add_argument("--workers", type=int, default=0, help=f"{workers_help} (default 0)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU, else the CPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")

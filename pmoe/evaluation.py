@@ -1,0 +1,371 @@
+"""Zero-shot evaluation of a run on one dataset (spec section 7), one class at a time.
+
+Usage::
+
+    from pmoe.evaluation import evaluate
+    metrics = evaluate("runs/mvtec", "visa", "/data/VisA", "results/visa")
+    # or: pmoe evaluate --checkpoint runs/mvtec --dataset visa --data-root /data/VisA --out results/visa
+    # several GPUs: torchrun --nproc_per_node 4 -m pmoe.cli evaluate ... (same files, same numbers)
+
+Writes, atomically, under ``out_dir``:
+
+    metrics.csv   run, dataset, cls, metric, value, reason: one row per class and metric, value
+                  in percent (unrounded; NaN with the reason when undefined), plus a ``mean``
+                  row per metric: the unweighted mean over the classes where it is defined
+    scores.csv    dataset, cls, image, label, score: one row per test image
+    routing.csv   dataset, cls, image, layer, state, rank, expert, weight: the top-k experts of
+                  every image, tapped layer and pool (header only for the static baselines)
+    overlays/<cls>/{top,bottom}NN_s<score>_<image>.png   with ``overlays=N``
+    evaluation.json   settings and provenance
+
+Which metrics a dataset gets follows its kind (image, pixel or both). Maps are evaluated at
+the config's image size, Gaussian-smoothed (eval mode). Only one class's maps are in memory at
+a time, and none for image-only datasets. Under ``torchrun`` every process scores a
+deterministic shard of each class (whole batches dealt round-robin); the main process gathers
+them in manifest order, computes the metrics and writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pmoe.errors import ConfigError, DataError
+from pmoe.inference import denormalize, forward_batch, load_model, map_range, prepare_device, write_overlay
+
+METRIC_COLUMNS = ("run", "dataset", "cls", "metric", "value", "reason")
+SCORE_COLUMNS = ("dataset", "cls", "image", "label", "score")
+ROUTING_COLUMNS = ("dataset", "cls", "image", "layer", "state", "rank", "expert", "weight")
+MEAN = "mean"
+
+
+def evaluate(run_dir_or_model, dataset: str, data_root, out_dir, *, manifest=None, classes=None,
+             pro_mode: str = "anomalyclip", overlays: int = 0, cache_dir=None, batch_size: int = 16,
+             device=None, clip_weights: str | None = None, run_name: str | None = None,
+             num_workers: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Evaluate a run directory (or an in-memory PromptMoE) on ``dataset``; returns metrics.csv.
+
+    ``manifest``: a manifest CSV to use instead of building it from ``data_root``;
+    ``classes``: a subset of the dataset's classes; ``pro_mode``: ``anomalyclip`` or ``exact``;
+    ``overlays``: heat-map overlays of the N highest and N lowest scoring images per class;
+    ``cache_dir``: the frozen-feature cache (``None``: compute features on the fly).
+    An in-memory model is put in eval mode and moved to ``device``. Every process of a
+    torchrun launch returns the same frame.
+    """
+    from tqdm.auto import tqdm
+
+    from pmoe.data import dataset_info
+    from pmoe.features import FeatureCache
+    from pmoe.metrics import PRO_MODES
+    from pmoe.runtime import init_distributed
+
+    info = dataset_info(dataset)
+    if pro_mode not in PRO_MODES:
+        raise ConfigError(f"unknown PRO mode {pro_mode!r}; use one of {', '.join(PRO_MODES)}")
+    if overlays < 0 or batch_size < 1:
+        raise ConfigError("overlays must be >= 0 and batch_size >= 1")
+    frame = _manifest(info, data_root, manifest)
+    selected = _classes(frame, info, classes)
+    model, run = load_model(run_dir_or_model, clip_weights, run_name)
+    device = prepare_device(model, device)
+    rank, world = init_distributed(device)
+    task = Task(model=model, info=info, root=Path(data_root).expanduser(), device=device,
+                cache=FeatureCache(cache_dir, model.config), batch_size=batch_size, num_workers=num_workers,
+                rank=rank, world=world, progress=progress and rank == 0)
+    results = [task.evaluate_class(frame[frame["cls"] == cls].reset_index(drop=True), pro_mode, overlays,
+                                   Path(out_dir))
+               for cls in tqdm(selected, desc=f"evaluating {info.name}", unit="class", disable=not task.progress)]
+    metrics = None
+    if rank == 0:
+        metrics = _write_outputs(results, run, info.name, Path(out_dir), model.config)
+        _write_settings(Path(out_dir), run, info.name, data_root, manifest, selected, pro_mode, model.config)
+    return _shared(metrics, world)
+
+
+# --- inputs -------------------------------------------------------------------------------------
+def _manifest(info, data_root, manifest) -> pd.DataFrame:
+    """The dataset's manifest: read from ``manifest`` or built from ``data_root``."""
+    from pmoe.data import build_manifest, read_manifest
+
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder; pass --data-root the folder {info.title} "
+                        f"was extracted to ({info.layout})")
+    frame = read_manifest(manifest) if manifest is not None else build_manifest(info.name, root)
+    if frame.empty:
+        raise DataError(f"the manifest of {info.title} has no rows; rebuild it with 'pmoe manifest'")
+    return frame
+
+
+def _classes(frame: pd.DataFrame, info, classes) -> list:
+    """The classes to evaluate, in manifest order; an unknown one is a DataError listing the valid."""
+    present = list(dict.fromkeys(frame["cls"]))
+    if classes is None:
+        return present
+    classes = [classes] if isinstance(classes, str) else list(classes)
+    unknown = [cls for cls in classes if cls not in present]
+    if unknown:
+        raise DataError(f"{info.title} has no class {', '.join(map(repr, unknown))} in its manifest; "
+                        f"valid classes: {', '.join(present)}")
+    return [cls for cls in present if cls in classes]
+
+
+def image_ids(frame: pd.DataFrame) -> list:
+    """Identifiers of the samples: the manifest image path, with ``#i/n`` for a cropped band."""
+    return [f"{image}#{crop}" if crop else image for image, crop in zip(frame["image"], frame["crop"])]
+
+
+# --- sharding across processes ------------------------------------------------------------------
+def shard_indices(count: int, batch_size: int, rank: int, world: int) -> list:
+    """The sample indices process ``rank`` scores: whole batches dealt round-robin."""
+    starts = range(rank * batch_size, count, world * batch_size)
+    return [index for start in starts for index in range(start, min(start + batch_size, count))]
+
+
+def gather_to_main(local: dict, count: int, batch_size: int, rank: int, world: int):
+    """Every process's tensors, concatenated in sample order on the main process (else None).
+
+    ``local`` maps names to tensors whose first axis follows :func:`shard_indices`; all
+    processes pass the same names, trailing shapes and dtypes (an empty shard included).
+    """
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    shards = [shard_indices(count, batch_size, r, world) for r in range(world)]
+    size = max(len(shard) for shard in shards)
+    order = torch.as_tensor(np.argsort(np.concatenate(shards), kind="stable"))
+    gathered = {}
+    for key in sorted(local):
+        tensor = local[key]
+        padded = tensor.new_zeros((size, *tensor.shape[1:]))
+        padded[:len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+        dist.gather(padded, parts, dst=0)
+        if rank == 0:
+            joined = torch.cat([part[:len(shard)] for part, shard in zip(parts, shards)])
+            gathered[key] = joined[order.to(joined.device)]
+    return gathered if rank == 0 else None
+
+
+def _shared(frame, world: int):
+    """The main process's frame, on every process."""
+    if world == 1:
+        return frame
+    import torch.distributed as dist
+
+    box = [frame]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- one class ----------------------------------------------------------------------------------
+@dataclass
+class ClassResult:
+    """One class's metrics and per-image records (scores, routing), on the CPU."""
+
+    cls: str
+    frame: pd.DataFrame
+    metrics: dict
+    records: dict
+
+
+@dataclass
+class Task:
+    """The fixed inputs of one evaluation: model, dataset, device, cache and process layout."""
+
+    model: torch.nn.Module
+    info: object  # pmoe.data.DatasetInfo
+    root: Path
+    device: torch.device
+    cache: object  # pmoe.features.FeatureCache
+    batch_size: int
+    num_workers: int
+    rank: int
+    world: int
+    progress: bool
+
+    @property
+    def keep_maps(self) -> bool:
+        """Whether pixel metrics need the maps and masks (not for image-only datasets)."""
+        return self.info.kind != "image"
+
+    def evaluate_class(self, frame: pd.DataFrame, pro_mode: str, overlays: int, out_dir: Path):
+        """Score one class's images; on the main process, its metrics and records (else None).
+
+        The class's maps are dropped before returning: only one class is held at a time.
+        """
+        from pmoe.data import AnomalyDataset
+
+        cls = frame["cls"].iloc[0]
+        dataset = AnomalyDataset(frame, self.root, self.model.config.image_size, return_mask=self.keep_maps)
+        data = self.cache.features(self.model, dataset, self.batch_size, self.device, self.progress,
+                                   self.num_workers)
+        shard = shard_indices(len(data), self.batch_size, self.rank, self.world)
+        local = self.score(torch.utils.data.Subset(data, shard), f"{self.info.name}/{cls}")
+        outputs = gather_to_main(local, len(data), self.batch_size, self.rank, self.world)
+        if outputs is None:
+            return None
+        metrics = self.metrics(frame, outputs, pro_mode)
+        if overlays:
+            self.write_overlays(frame, data, outputs["score"].cpu().numpy(), overlays, out_dir / "overlays" / cls)
+        records = {key: value.cpu() for key, value in outputs.items() if key not in ("anomaly_map", "mask")}
+        return ClassResult(cls, frame, metrics, records)
+
+    def score(self, data, desc: str) -> dict:
+        """Scores (and maps, masks and routing where needed) of ``data``, on the device."""
+        from tqdm.auto import tqdm
+
+        loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
+        parts = [self._empty()]
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            out = forward_batch(self.model, batch, self.device)
+            if self.keep_maps:
+                out["mask"] = batch["mask"][:, 0].to(self.device, torch.uint8)
+            else:
+                del out["anomaly_map"]
+            parts.append(out)
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def _empty(self) -> dict:
+        """Zero-length outputs with the right shapes (what an empty shard contributes)."""
+        config, device = self.model.config, self.device
+        size = config.image_size
+        empty = {"score": torch.zeros(0, device=device)}
+        if self.keep_maps:
+            empty["anomaly_map"] = torch.zeros(0, size, size, device=device)
+            empty["mask"] = torch.zeros(0, size, size, dtype=torch.uint8, device=device)
+        if config.prompt_mode == "vgmop":
+            routed = (0, config.num_prompt_sets, 2, config.top_k)
+            empty["routing_indices"] = torch.zeros(routed, dtype=torch.long, device=device)
+            empty["routing_weights"] = torch.zeros(routed, device=device)
+        return empty
+
+    def metrics(self, frame: pd.DataFrame, outputs: dict, pro_mode: str) -> dict:
+        """:func:`pmoe.metrics.class_metrics` of one class, as the dataset's kind allows."""
+        from pmoe.metrics import class_metrics
+
+        labels = np.array(frame["label"], dtype=np.int64)
+        masks = outputs["mask"].bool() if self.keep_maps else None
+        return class_metrics(labels, outputs["score"], masks, outputs.get("anomaly_map"),
+                             kind=self.info.kind, pro_mode=pro_mode)
+
+    def write_overlays(self, frame, data, scores: np.ndarray, count: int, folder: Path) -> None:
+        """Overlays of the ``count`` highest and lowest scoring images; replaces ``folder`` whole."""
+        order = np.argsort(-scores, kind="stable")
+        top = [int(i) for i in order[:count]]
+        bottom = [int(i) for i in order[::-1][:count] if i not in top]
+        picks = [("top", r, i) for r, i in enumerate(top)] + [("bottom", r, i) for r, i in enumerate(bottom)]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, top + bottom), batch_size=self.batch_size)
+        maps = np.concatenate([forward_batch(self.model, batch, self.device)["anomaly_map"].cpu().numpy()
+                               for batch in loader])
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            for (kind, rank, index), anomaly_map in zip(picks, maps):
+                stem = _file_stem(frame["image"][index], frame["crop"][index])
+                write_overlay(scratch / f"{kind}{rank + 1:02d}_s{scores[index]:.4f}_{stem}.png",
+                              self.display_image(frame, index), anomaly_map, *map_range(self.model.config))
+            if folder.exists():
+                shutil.rmtree(folder)
+            scratch.rename(folder)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def display_image(self, frame: pd.DataFrame, index: int) -> np.ndarray:
+        """The sample's image as the model saw it (cropped, resized), in uint8 RGB."""
+        from pmoe.data import load_image
+
+        size = self.model.config.image_size
+        return denormalize(load_image(self.root / frame["image"][index], size, frame["crop"][index]))
+
+
+def _file_stem(image: str, crop: str) -> str:
+    """A sample as one file-name component: ``cls/test/good/000.png`` + crop ``1/3`` gives
+    ``cls__test__good__000_crop1of3``."""
+    stem = "__".join(PurePosixPath(image).with_suffix("").parts)
+    return stem + (f"_crop{crop.replace('/', 'of')}" if crop else "")
+
+
+# --- tables and files ---------------------------------------------------------------------------
+def metrics_frame(results: list, run: str, dataset: str) -> pd.DataFrame:
+    """metrics.csv: per class and metric in percent, then the ``mean`` rows."""
+    rows = [(run, dataset, result.cls, name, value.value * 100, value.reason)
+            for result in results for name, value in result.metrics.items()]
+    frame = pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+    means = [mean_row(group, run, dataset, metric) for metric, group in frame.groupby("metric", sort=False)]
+    return pd.concat([frame, pd.DataFrame(means, columns=list(METRIC_COLUMNS))], ignore_index=True)
+
+
+def mean_row(group: pd.DataFrame, run: str, dataset: str, metric: str) -> tuple:
+    """The unweighted mean over the classes where ``metric`` is defined; the reason names the rest."""
+    defined = group["value"].notna()
+    skipped = group.loc[~defined, "cls"].tolist()
+    if not defined.any():
+        return run, dataset, MEAN, metric, math.nan, "undefined for every class"
+    reason = f"mean over {int(defined.sum())} classes; undefined for: {', '.join(skipped)}" if skipped else ""
+    return run, dataset, MEAN, metric, float(group.loc[defined, "value"].mean()), reason
+
+
+def scores_frame(results: list, dataset: str) -> pd.DataFrame:
+    """scores.csv: one row per image."""
+    parts = [pd.DataFrame({"dataset": dataset, "cls": r.cls, "image": image_ids(r.frame),
+                           "label": r.frame["label"].to_numpy(),
+                           "score": r.records["score"].cpu().numpy().astype(np.float64)})
+             for r in results]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(SCORE_COLUMNS))
+
+
+def routing_frame(results: list, dataset: str, config) -> pd.DataFrame:
+    """routing.csv: the top-k experts per image, tapped layer and pool; empty for static models."""
+    from pmoe.vgmop import STATES
+
+    parts = []
+    for result in results:
+        if "routing_indices" not in result.records:
+            continue
+        indices = result.records["routing_indices"].cpu().numpy()
+        weights = result.records["routing_weights"].cpu().numpy()
+        count, slots, states, k = indices.shape
+        layers = list(config.layers) if slots == config.num_layers else ["all"]
+        parts.append(pd.DataFrame({
+            "dataset": dataset, "cls": result.cls,
+            "image": np.repeat(np.array(image_ids(result.frame), dtype=object), slots * states * k),
+            "layer": np.tile(np.repeat(np.array(layers, dtype=object), states * k), count),
+            "state": np.tile(np.repeat(np.array(STATES, dtype=object), k), count * slots),
+            "rank": np.tile(np.arange(k), count * slots * states),
+            "expert": indices.reshape(-1), "weight": weights.reshape(-1).astype(np.float64),
+        }))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(ROUTING_COLUMNS))
+
+
+def _write_outputs(results: list, run: str, dataset: str, out_dir: Path, config) -> pd.DataFrame:
+    """Write metrics.csv, scores.csv and routing.csv; returns the metrics frame."""
+    from pmoe.io import write_csv
+
+    metrics = metrics_frame(results, run, dataset)
+    write_csv(scores_frame(results, dataset), out_dir / "scores.csv")
+    write_csv(routing_frame(results, dataset, config), out_dir / "routing.csv")
+    write_csv(metrics, out_dir / "metrics.csv", na_rep="NaN")
+    return metrics
+
+
+def _write_settings(out_dir: Path, run, dataset, data_root, manifest, classes, pro_mode, config) -> None:
+    """evaluation.json: what was evaluated, how, and with which code."""
+    from pmoe.checkpoint import provenance
+    from pmoe.io import write_text
+
+    settings = {
+        "run": run, "dataset": dataset, "data_root": str(Path(data_root).expanduser().resolve()),
+        "manifest": str(manifest) if manifest is not None else None, "classes": list(classes),
+        "pro_mode": pro_mode, "config": config.to_dict(), "provenance": provenance(),
+    }
+    write_text(out_dir / "evaluation.json", json.dumps(settings, indent=2, default=str) + "\n")
