@@ -1,0 +1,71 @@
+"""The experiment plan the notebooks follow: directions, configs, input checks, collected results."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.numpy import save_file
+
+from pmoe import experiments
+from pmoe.checkpoint import write_run_metadata
+from pmoe.errors import ConfigError, DataError, PmoeError
+
+
+def test_zero_shot_directions_never_evaluate_a_model_on_its_training_classes():
+    assert experiments.train_set_for("mvtec", "paper") == "visa"
+    assert {experiments.train_set_for(name, "paper") for name in ("visa", "mpdd", "kvasir")} == {"mvtec"}
+    assert experiments.train_set_for("mvtec", "demo") == "synthetic-b"
+    assert experiments.train_set_for("visa", "tiny") == "synthetic-a"
+    assert experiments.train_set_for("synthetic-a", "tiny") == "synthetic-b"
+
+
+def test_config_for_lays_ablations_over_the_preset_backbone():
+    assert experiments.config_for("paper", "table6-e16-k8").num_experts == 16
+    tiny = experiments.config_for("tiny", "table4-l24")
+    assert tiny.clip_model == "pmoe-tiny" and tiny.layers == (4,)
+    assert experiments.config_for("paper", clip_weights="/w.pt").clip_weights == "/w.pt"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        experiments.config_for("paper", "table9-nothing")
+
+
+def test_check_inputs_names_what_to_pass(tmp_path):
+    with pytest.raises(PmoeError, match="-p data_root"):
+        experiments.check_inputs("paper", str(tmp_path / "missing"), "openai")
+    with pytest.raises(PmoeError, match="-p clip_weights"):
+        experiments.check_inputs("paper", str(tmp_path), str(tmp_path / "nope.pt"))
+    with pytest.raises(DataError, match="unknown"):
+        experiments.check_inputs("demo", "data/demo", "random", ["mvtek"])
+    with pytest.raises(PmoeError, match="preset"):
+        experiments.check_inputs("huge", "data", "openai")
+    experiments.check_inputs("paper", str(tmp_path), "openai", ["mvtec"])
+    with pytest.raises(PmoeError, match="dataset 'mvtec' not found"):
+        experiments.dataset_root(tmp_path, "mvtec")
+
+
+def test_repo_path_resolves_relative_paths_from_the_repository(tmp_path):
+    assert experiments.repo_path("results/x") == experiments.REPO / "results" / "x"
+    assert experiments.repo_path(tmp_path) == tmp_path
+
+
+def test_expert_embeddings_are_the_mean_of_each_expert_per_layer(tmp_path):
+    config = experiments.config_for("tiny")
+    write_run_metadata(tmp_path, config)
+    rng = np.random.default_rng(0)
+    pools = {f"vgmop.{i}.experts.{state}": rng.normal(size=(config.num_experts, length, 64)).astype(np.float32)
+             for i in range(4) for state, length in (("normal", 5), ("abnormal", 6))}
+    save_file(pools, str(tmp_path / "model.safetensors"))
+    embeddings, labels = experiments.expert_embeddings(tmp_path)
+    assert embeddings["normal"].shape == (4 * 8, 64) and labels["abnormal"][:2] == ["L1-E1", "L1-E2"]
+    assert np.allclose(embeddings["abnormal"][8 + 2], pools["vgmop.1.experts.abnormal"][2].mean(axis=0))
+
+
+def test_collect_concatenates_every_evaluation(tmp_path):
+    for run, dataset in (("paper__mvtec", "visa"), ("paper__visa", "mvtec")):
+        folder = tmp_path / "eval" / run / dataset
+        folder.mkdir(parents=True)
+        pd.DataFrame({"run": ["paper"], "dataset": [dataset], "cls": ["01"], "metric": ["pro"],
+                      "value": [50.0], "reason": [""]}).to_csv(folder / "metrics.csv", index=False)
+    frame = experiments.collect(tmp_path)
+    assert sorted(frame["dataset"]) == ["mvtec", "visa"] and frame["cls"].tolist() == ["01", "01"]
+    assert experiments.collect(tmp_path / "nothing").empty
+    with pytest.raises(PmoeError, match="evaluate 'paper' on 'mpdd' first"):
+        experiments.evaluation_file(tmp_path, "paper", "mpdd", "paper", "routing.csv")
