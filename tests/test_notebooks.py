@@ -88,3 +88,12 @@ def test_batch_records_failures_and_keeps_going(tmp_path, monkeypatch):
     assert (tmp_path / "done_good").exists() and not (tmp_path / "done_broken").exists()
     assert "1 of 2 notebooks failed" in report.summary()
     assert (tmp_path / "executed" / "nb_good.ipynb").is_file()
+
+
+def test_a_missing_data_root_stops_the_first_cell_with_what_to_pass(tmp_path):
+    source = reproduce.NOTEBOOKS / "03_evaluation.ipynb"
+    outcome = reproduce.run_notebook(source, tmp_path / "out.ipynb", {"preset": "paper", "data_root": str(tmp_path / "none")})
+    assert not outcome.ok and "Pass -p data_root" in outcome.error
+    executed = [c for c in cells(tmp_path / "out.ipynb") if c.cell_type == "code"]
+    failed = [i for i, c in enumerate(executed) if any(o.get("output_type") == "error" for o in c.outputs)]
+    assert failed == [2]  # parameters, injected parameters, then the setup cell

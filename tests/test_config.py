@@ -1,0 +1,58 @@
+"""Config: the paper's defaults, presets, strict keys and a JSON round trip."""
+
+import json
+
+import pytest
+
+from pmoe import Config
+from pmoe.config import ABLATIONS, BASES
+from pmoe.errors import ConfigError
+
+
+def test_defaults_are_appendix_a():
+    c = Config()
+    assert (c.clip_model, c.image_size, c.layers) == ("ViT-L-14-336", 518, (6, 12, 18, 24))
+    assert (c.num_queries, c.num_experts, c.top_k, c.num_heads, c.router_hidden) == (8, 8, 4, 8, 256)
+    assert (c.normal_len, c.abnormal_len, c.ctx_len) == (5, 6, 8)
+    assert (c.alpha, c.beta, c.tau, c.tau_global, c.sigma) == (0.01, 0.005, 0.07, 0.01, 4.0)
+    assert (c.epochs, c.batch_size, c.lr, c.warmup_epochs, c.betas) == (15, 16, 1e-3, 3, (0.6, 0.999))
+    assert Config.preset("paper") == c
+
+
+@pytest.mark.parametrize("name", Config.presets())
+def test_every_preset_round_trips_through_json(name):
+    config = Config.preset(name)
+    assert Config.from_json(config.to_json()) == config
+    assert Config.from_dict(json.loads(config.to_json())).layers == config.layers
+
+
+def test_presets_list_bases_then_every_ablation_of_tables_2_to_6():
+    names = Config.presets()
+    assert names[:3] == list(BASES) and set(ABLATIONS) <= set(names)
+    assert Config.preset("table6-e16-k2").num_experts == 16 and Config.preset("table6-e16-k2").top_k == 2
+    assert Config.preset("table5-shared-both").share_pool and Config.preset("table5-shared-both").share_attention
+    assert Config.preset("table2-static").prompt_mode == "static" and Config.preset("table2-static").alpha == 0
+
+
+def test_ablations_lay_over_the_tiny_base_and_map_layer_sets():
+    tiny = Config.preset("tiny")
+    assert Config.preset("paper", base="tiny") == tiny
+    assert Config.preset("table4-l6-18-24", base="tiny").layers == (1, 3, 4)
+    assert Config.preset("table3-alpha0", base="tiny").replace(alpha=0.01) == tiny
+
+
+def test_unknown_names_and_keys_are_errors_that_suggest_the_fix():
+    with pytest.raises(ConfigError, match="Did you mean tiny"):
+        Config.preset("tinny")
+    with pytest.raises(ConfigError, match="unknown config key 'num_expert'.*num_experts"):
+        Config.from_dict({"num_expert": 4})
+    with pytest.raises(ConfigError, match="cannot be laid over"):
+        Config.preset("tiny", base="demo")
+    with pytest.raises(ConfigError, match="takes a int"):
+        Config().replace(top_k="4")
+    with pytest.raises(ConfigError, match="between 1 and num_experts"):
+        Config().replace(top_k=9)
+    with pytest.raises(ConfigError, match="must be one of"):
+        Config().replace(layer_reduce="max")
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.load("/nonexistent/config.json")
