@@ -199,8 +199,10 @@ def run_ablations(preset: str, variants, targets, data_root, out_dir, clip_weigh
     from tqdm.auto import tqdm
 
     jobs = [(variant, target) for variant in variants for target in targets]
-    frames = [evaluate(preset, variant, target, data_root, out_dir, clip_weights)
-              for variant, target in tqdm(jobs, desc="ablations")]
+    frames = []
+    for variant, target in tqdm(jobs, desc="ablations"):  # one bar: per-run bars would flood a notebook
+        train(preset, variant, train_set_for(target, preset), data_root, out_dir, clip_weights, progress=False)
+        frames.append(evaluate(preset, variant, target, data_root, out_dir, clip_weights, progress=False))
     return pd.concat(frames, ignore_index=True)
 
 
