@@ -73,7 +73,7 @@ def train(config, train_set, data_root, out_dir, *, manifest=None, epochs=None, 
     rank, world = init_distributed(device)
     run_dir = Path(out_dir).expanduser()
     if prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite, main=rank == 0):
-        if rank == 0 and progress:
+        if rank == 0:
             print(f"{run_dir} already holds a finished run; nothing to do")
         return run_dir
     seed_everything(config.seed)
