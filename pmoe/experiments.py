@@ -173,7 +173,7 @@ def evaluate(preset: str, variant: str, target: str, data_root, out_dir, clip_we
     from pmoe.features import default_cache_dir
 
     train_set = train_set or train_set_for(target, preset)
-    run = train(preset, variant, train_set, data_root, out_dir, clip_weights)
+    run = train(preset, variant, train_set, data_root, out_dir, clip_weights, progress=options.get("progress", True))
     folder = eval_dir(out_dir, variant, train_set, target)
     metrics = folder / "metrics.csv"
     if reuse and metrics.is_file() and metrics.stat().st_mtime >= (run / WEIGHTS).stat().st_mtime:
@@ -201,7 +201,6 @@ def run_ablations(preset: str, variants, targets, data_root, out_dir, clip_weigh
     jobs = [(variant, target) for variant in variants for target in targets]
     frames = []
     for variant, target in tqdm(jobs, desc="ablations"):  # one bar: per-run bars would flood a notebook
-        train(preset, variant, train_set_for(target, preset), data_root, out_dir, clip_weights, progress=False)
         frames.append(evaluate(preset, variant, target, data_root, out_dir, clip_weights, progress=False))
     return pd.concat(frames, ignore_index=True)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pmoe
-from pmoe.backbone import vv_attention
+from pmoe.backbone import load_clip, vv_attention
 from pmoe.losses import balance_loss, decouple_loss, total_loss
 from pmoe.maps import gaussian_smooth
 from pmoe.vgmop import QueryAttention, Routing, aggregate, route
@@ -65,7 +65,7 @@ def test_query_attention_matches_per_head_reference():
     assert torch.allclose(attention(tokens), expected, atol=1e-6)
 
 
-def test_unselected_experts_get_exactly_zero_task_gradient(model):
+def test_unselected_experts_get_exactly_zero_task_gradient():
     config = TINY.replace(alpha=0.0, beta=0.0)
     torch.manual_seed(3)
     net = pmoe.build_model(config).train()
@@ -141,22 +141,14 @@ def _open_clip_text(model, texts):
 @pytest.mark.parametrize("use_class_names", [False, True])
 def test_truncated_text_encoding_equals_full_context(model, use_class_names):
     config = TINY.replace(use_class_names=use_class_names)
-    truncated = pmoe.PromptMoE(config, _clip_of(model)).eval()
-    full = pmoe.PromptMoE(config.replace(text_truncation=False), _clip_of(model)).eval()
+    truncated = pmoe.PromptMoE(config, load_clip(TINY)).eval()
+    full = pmoe.PromptMoE(config.replace(text_truncation=False), load_clip(TINY)).eval()
     full.load_trainable_state_dict(truncated.trainable_state_dict())
     names = ["metal_nut", "pcb1"] if use_class_names else None
     feats = truncated.encode_image(images(2))
     a = truncated.prompt_features(*feats, class_names=names)[0]
     b = full.prompt_features(*feats, class_names=names)[0]
     assert torch.allclose(a, b, atol=1e-5)
-
-
-def _clip_of(model):
-    import open_clip
-
-    with torch.random.fork_rng():
-        torch.manual_seed(TINY.seed)
-        return open_clip.create_model(TINY.clip_model, pretrained=None).eval().requires_grad_(False)
 
 
 def test_batched_forward_equals_one_image_at_a_time(model):
