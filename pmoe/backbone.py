@@ -25,6 +25,7 @@ from torch import nn
 from pmoe.errors import CheckpointError, ConfigError
 
 CLIP_CONFIGS = Path(__file__).parent / "clip_configs"
+RANDOM_WEIGHTS_SEED = 0  # clip_weights="random" is one fixed backbone, whatever the training seed
 open_clip.add_model_config(CLIP_CONFIGS)
 
 
@@ -43,7 +44,7 @@ def load_clip(config) -> nn.Module:
     kwargs = {"force_quick_gelu": config.quick_gelu}
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
             clip = open_clip.create_model(name, pretrained=None, **kwargs)
     elif looks_like_path(weights):
         clip = open_clip.create_model(name, pretrained=None, **kwargs)
@@ -134,8 +135,9 @@ class VisualBackbone(nn.Module):
                 f"preprocess with pmoe.data.load_image(path, {size}) or build the model with another image_size."
             )
 
-    def forward(self, images: torch.Tensor) -> VisualFeatures:
+    def forward(self, images: torch.Tensor, layers=None) -> VisualFeatures:
         self.check_images(images)
+        layers = self.layers if layers is None else tuple(layers)
         visual = self.visual
         x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -147,7 +149,7 @@ class VisualBackbone(nn.Module):
             if x_vv is not None:
                 x_vv = x_vv + block.ls_1(vv_attention(block.attn, block.ln_1(x)))
             x = block(x)
-            if block_number in self.layers:
+            if block_number in layers:
                 tapped = x_vv if x_vv is not None else x
                 taps.append(visual.ln_post(tapped[:, 1:]))
         return VisualFeatures(torch.stack(taps, dim=1), visual.ln_post(x[:, 0]))

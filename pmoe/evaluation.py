@@ -16,7 +16,8 @@ Writes, atomically, under ``out_dir``:
     routing.csv   dataset, cls, image, layer, state, rank, expert, weight: the top-k experts of
                   every image, tapped layer and pool (header only for the static baselines)
     overlays/<cls>/{top,bottom}NN_s<score>_<image>.png   with ``overlays=N``
-    evaluation.json   settings and provenance
+    evaluation.json   settings, provenance and the reuse key (:func:`evaluation_key`); written
+                      last and removed when a new evaluation starts, so it marks a complete folder
 
 Which metrics a dataset gets follows its kind (image, pixel or both). Maps are evaluated at
 the config's image size, Gaussian-smoothed (eval mode). Only one class's maps are in memory at
@@ -45,6 +46,8 @@ METRIC_COLUMNS = ("run", "dataset", "cls", "metric", "value", "reason")
 SCORE_COLUMNS = ("dataset", "cls", "image", "label", "score")
 ROUTING_COLUMNS = ("dataset", "cls", "image", "layer", "state", "rank", "expert", "weight")
 MEAN = "mean"
+SETTINGS = "evaluation.json"
+OUTPUTS = ("metrics.csv", "scores.csv", "routing.csv")
 
 
 def evaluate(run_dir_or_model, dataset: str, data_root, out_dir, *, manifest=None, classes=None,
@@ -75,8 +78,12 @@ def evaluate(run_dir_or_model, dataset: str, data_root, out_dir, *, manifest=Non
     frame = _manifest(info, data_root, manifest)
     selected = _classes(frame, info, classes)
     model, run = load_model(run_dir_or_model, clip_weights, run_name)
+    key = evaluation_key(model.config, checkpoint_digest(run_dir_or_model, model), info.name, frame,
+                         classes, pro_mode, overlays)
     device = prepare_device(model, device)
     rank, world = init_distributed(device)
+    if rank == 0:
+        (Path(out_dir) / SETTINGS).unlink(missing_ok=True)  # the folder is complete again only at the end
     task = Task(model=model, info=info, root=Path(data_root).expanduser(), device=device,
                 cache=FeatureCache(cache_dir, model.config), batch_size=batch_size, num_workers=num_workers,
                 rank=rank, world=world, progress=progress and rank == 0)
@@ -86,8 +93,85 @@ def evaluate(run_dir_or_model, dataset: str, data_root, out_dir, *, manifest=Non
     metrics = None
     if rank == 0:
         metrics = _write_outputs(results, run, info.name, Path(out_dir), model.config)
-        _write_settings(Path(out_dir), run, info.name, data_root, manifest, selected, pro_mode, model.config)
+        _write_settings(Path(out_dir), run, key, data_root, manifest, selected, _train_set(run_dir_or_model))
     return _shared(metrics, world)
+
+
+def evaluation_key(config, checkpoint_sha1: str, dataset: str, frame: pd.DataFrame, classes, pro_mode: str,
+                   overlays: int) -> dict:
+    """Everything an evaluation's files depend on; an evaluation is reused only when this matches.
+
+    The config (its smoothing ``sigma`` included) with the CLIP weights by content, the trained
+    weights by content, the dataset's manifest, the evaluation options and the package version.
+    """
+    from pmoe.features import weights_identity
+    from pmoe.identity import manifest_digest, package_version
+
+    settings = {**config.to_dict(), "clip_weights": weights_identity(config)}
+    return {
+        "config": settings, "checkpoint_sha1": checkpoint_sha1, "dataset": dataset,
+        "manifest_sha1": manifest_digest(frame), "classes": None if classes is None else sorted(
+            [classes] if isinstance(classes, str) else classes),
+        "pro_mode": pro_mode, "overlays": overlays, "pmoe_version": package_version(),
+    }
+
+
+def checkpoint_digest(run_dir_or_model, model) -> str:
+    """The trained weights' SHA-1: of the run's weights file, or of an in-memory model's tensors."""
+    from pmoe.checkpoint import WEIGHTS
+    from pmoe.identity import file_sha1, tensors_sha1
+
+    if isinstance(run_dir_or_model, torch.nn.Module):
+        return tensors_sha1(model.trainable_state_dict())
+    return file_sha1(Path(run_dir_or_model).expanduser() / WEIGHTS)
+
+
+def reusable_metrics(run_dir, dataset: str, data_root, out_dir, *, manifest=None, classes=None,
+                     pro_mode: str = "anomalyclip", overlays: int = 0, clip_weights: str | None = None,
+                     **ignored):
+    """The metrics of the finished evaluation in ``out_dir`` when :func:`evaluate` with these
+    arguments would compute the same (its key matches), else None. Takes evaluate's keywords;
+    those that do not change results (device, batch size, cache, progress ...) are ignored."""
+    from pmoe.checkpoint import WEIGHTS, run_config
+    from pmoe.data import dataset_info
+    from pmoe.identity import file_sha1
+
+    info = dataset_info(dataset)
+    config = run_config(run_dir)
+    if clip_weights is not None:
+        config = config.replace(clip_weights=clip_weights)
+    key = evaluation_key(config, file_sha1(Path(run_dir) / WEIGHTS), info.name, _manifest(info, data_root, manifest),
+                         classes, pro_mode, overlays)
+    return current_metrics(out_dir, key)
+
+
+def current_metrics(out_dir, key: dict):
+    """The metrics frame of a finished evaluation in ``out_dir`` whose key equals ``key``, else None."""
+    out_dir = Path(out_dir)
+    try:
+        recorded = json.loads((out_dir / SETTINGS).read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+    from pmoe.identity import differences
+
+    if differences(recorded, key) or not all((out_dir / name).is_file() for name in OUTPUTS):
+        return None
+    return read_metrics(out_dir / "metrics.csv")
+
+
+def read_metrics(path) -> pd.DataFrame:
+    """A metrics.csv as :func:`evaluate` returned it: classes as text, NaN values, empty reasons."""
+    return pd.read_csv(path, dtype={"cls": str, "run": str}, keep_default_na=False, na_values={"value": ["NaN"]})
+
+
+def _train_set(run_dir_or_model):
+    """The training set recorded in a run directory (None for an in-memory model or an old run)."""
+    from pmoe.training import IDENTITY
+
+    if isinstance(run_dir_or_model, torch.nn.Module):
+        return None
+    path = Path(run_dir_or_model).expanduser() / IDENTITY
+    return json.loads(path.read_text()).get("train_set") if path.is_file() else None
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -358,14 +442,15 @@ def _write_outputs(results: list, run: str, dataset: str, out_dir: Path, config)
     return metrics
 
 
-def _write_settings(out_dir: Path, run, dataset, data_root, manifest, classes, pro_mode, config) -> None:
-    """evaluation.json: what was evaluated, how, and with which code."""
+def _write_settings(out_dir: Path, run, key: dict, data_root, manifest, classes, train_set) -> None:
+    """evaluation.json, written last: what was evaluated, how, with which code, and its reuse key."""
     from pmoe.checkpoint import provenance
     from pmoe.io import write_text
 
     settings = {
-        "run": run, "dataset": dataset, "data_root": str(Path(data_root).expanduser().resolve()),
+        "run": run, "train_set": train_set, "seed": key["config"]["seed"], "dataset": key["dataset"],
+        "data_root": str(Path(data_root).expanduser().resolve()),
         "manifest": str(manifest) if manifest is not None else None, "classes": list(classes),
-        "pro_mode": pro_mode, "config": config.to_dict(), "provenance": provenance(),
+        "pro_mode": key["pro_mode"], "key": key, "provenance": provenance(),
     }
-    write_text(out_dir / "evaluation.json", json.dumps(settings, indent=2, default=str) + "\n")
+    write_text(out_dir / SETTINGS, json.dumps(settings, indent=2, default=str) + "\n")

@@ -16,6 +16,7 @@ Folder layout under ``out_dir``::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,16 +62,16 @@ def config_for(preset: str, variant: str = "paper", clip_weights: str | None = N
     return config.replace(clip_weights=clip_weights) if clip_weights else config
 
 
-def run_name(variant: str, train_set: str) -> str:
-    return f"{variant}__{train_set}"
+def run_name(variant: str, train_set: str, seed: int) -> str:
+    return f"{variant}__{train_set}__seed{seed}"
 
 
-def run_dir(out_dir, variant: str, train_set: str) -> Path:
-    return Path(out_dir) / "runs" / run_name(variant, train_set)
+def run_dir(out_dir, variant: str, train_set: str, seed: int) -> Path:
+    return Path(out_dir) / "runs" / run_name(variant, train_set, seed)
 
 
-def eval_dir(out_dir, variant: str, train_set: str, dataset: str) -> Path:
-    return Path(out_dir) / "eval" / run_name(variant, train_set) / dataset
+def eval_dir(out_dir, variant: str, train_set: str, dataset: str, seed: int) -> Path:
+    return Path(out_dir) / "eval" / run_name(variant, train_set, seed) / dataset
 
 
 def dataset_root(data_root, name: str) -> Path:
@@ -150,88 +151,125 @@ def write_manifests(data_root, datasets, folder) -> pd.DataFrame:
 
 
 def train(preset: str, variant: str, train_set: str, data_root, out_dir, clip_weights=None, *,
-          folder: str = "runs", **options) -> Path:
-    """Train ``variant`` on ``train_set``; a finished run is kept, an interrupted one resumed."""
+          seed: int | None = None, folder: str = "runs", **options) -> Path:
+    """Train ``variant`` on ``train_set`` with ``seed`` (default: the config's); a finished run is kept
+    and an interrupted one resumed when its config and data are the same, else a clear error."""
     from pmoe.features import default_cache_dir
     from pmoe.training import train as train_run
 
-    target = Path(out_dir) / folder / run_name(variant, train_set)
     config = config_for(preset, variant, clip_weights)
-    options.setdefault("cache_dir", default_cache_dir())
+    config = config.replace(seed=config.seed if seed is None else seed)
+    target = Path(out_dir) / folder / run_name(variant, train_set, config.seed)
+    options.setdefault("cache_dir", default_cache_dir())  # a training set is read every epoch
     return train_run(config, train_set, dataset_root(data_root, train_set), target, resume=True, **options)
 
 
 def evaluate(preset: str, variant: str, target: str, data_root, out_dir, clip_weights=None, *,
-             train_set: str | None = None, reuse: bool = True, **options) -> pd.DataFrame:
-    """Evaluate ``variant`` on ``target`` (training it first if needed) and return the metrics frame.
+             train_set: str | None = None, seed: int | None = None, reuse: bool = True,
+             **options) -> pd.DataFrame:
+    """Evaluate ``variant`` (seed ``seed``) on ``target``, training it first if needed; the metrics frame.
 
     The model is the zero-shot one (trained on the other source) unless ``train_set`` is given.
-    With ``reuse``, an evaluation newer than the model's weights is read back, not recomputed.
+    The frame has ``train_set`` and ``seed`` columns besides those of metrics.csv.
+    With ``reuse``, a finished evaluation whose key (:func:`pmoe.evaluation.evaluation_key`)
+    matches is read back instead of recomputed. Features are cached for the preset's training
+    sets only (their entries exist from training and ablations read them again); any other
+    dataset is read once, so its features stream.
     """
-    from pmoe.checkpoint import WEIGHTS
     from pmoe.evaluation import evaluate as evaluate_run
+    from pmoe.evaluation import reusable_metrics
     from pmoe.features import default_cache_dir
 
     train_set = train_set or train_set_for(target, preset)
-    run = train(preset, variant, train_set, data_root, out_dir, clip_weights, progress=options.get("progress", True))
-    folder = eval_dir(out_dir, variant, train_set, target)
-    metrics = folder / "metrics.csv"
-    if reuse and metrics.is_file() and metrics.stat().st_mtime >= (run / WEIGHTS).stat().st_mtime:
-        return pd.read_csv(metrics, dtype={"cls": str})
-    options.setdefault("cache_dir", default_cache_dir())
-    return evaluate_run(run, target, dataset_root(data_root, target), folder, clip_weights=clip_weights,
-                        run_name=variant, **options)
+    run = train(preset, variant, train_set, data_root, out_dir, clip_weights, seed=seed,
+                progress=options.get("progress", True))
+    seed = config_for(preset, variant).seed if seed is None else seed
+    folder, root = eval_dir(out_dir, variant, train_set, target, seed), dataset_root(data_root, target)
+    metrics = reusable_metrics(run, target, root, folder, clip_weights=clip_weights, **options) if reuse else None
+    if metrics is None:
+        options.setdefault("cache_dir", default_cache_dir() if target in sources(preset).values() else None)
+        metrics = evaluate_run(run, target, root, folder, clip_weights=clip_weights, run_name=variant, **options)
+    return metrics.assign(train_set=train_set, seed=seed)
 
 
 def evaluation_file(out_dir, variant: str, target: str, preset: str, filename: str,
-                    train_set: str | None = None) -> pd.DataFrame:
+                    train_set: str | None = None, seed: int | None = None) -> pd.DataFrame:
     """Read one file of an evaluation (e.g. ``routing.csv``), with a clear error if it is missing."""
     train_set = train_set or train_set_for(target, preset)
-    path = eval_dir(out_dir, variant, train_set, target) / filename
+    seed = config_for(preset, variant).seed if seed is None else seed
+    path = eval_dir(out_dir, variant, train_set, target, seed) / filename
     if not path.is_file():
-        raise PmoeError(f"{path} does not exist: evaluate {variant!r} on {target!r} first "
+        raise PmoeError(f"{path} does not exist: evaluate {variant!r} on {target!r} (seed {seed}) first "
                         "(notebook 03_evaluation, or pmoe.experiments.evaluate).")
     return pd.read_csv(path, dtype={"cls": str, "image": str})
 
 
-def run_ablations(preset: str, variants, targets, data_root, out_dir, clip_weights=None) -> pd.DataFrame:
-    """Train and evaluate every ablation variant in both directions; the combined metrics frame."""
+def default_seeds(preset: str, seeds=None) -> list:
+    """``seeds`` as a list, or the preset's own seed (the config's) when none are given."""
+    return list(seeds) if seeds else [config_for(preset).seed]
+
+
+def run_ablations(preset: str, variants, targets, data_root, out_dir, clip_weights=None, seeds=None) -> tuple:
+    """Train and evaluate every ablation variant and seed in both directions.
+
+    Returns (metrics of every evaluation that ran, failures: variant, target, seed, error). A
+    failing job is recorded and the others still run.
+    """
     from tqdm.auto import tqdm
 
-    jobs = [(variant, target) for variant in variants for target in targets]
-    frames = []
-    for variant, target in tqdm(jobs, desc="ablations"):  # one bar: per-run bars would flood a notebook
-        frames.append(evaluate(preset, variant, target, data_root, out_dir, clip_weights, progress=False))
-    return pd.concat(frames, ignore_index=True)
+    jobs = [(variant, target, seed) for variant in variants for target in targets
+            for seed in default_seeds(preset, seeds)]
+    frames, failures = [], []
+    for variant, target, seed in tqdm(jobs, desc="ablations"):  # one bar: per-run bars would flood a notebook
+        try:
+            frames.append(evaluate(preset, variant, target, data_root, out_dir, clip_weights, seed=seed,
+                                   progress=False))
+        except PmoeError as error:
+            failures.append({"variant": variant, "target": target, "seed": seed, "error": str(error)})
+    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return metrics, pd.DataFrame(failures, columns=["variant", "target", "seed", "error"])
 
 
-def training_dynamics(preset: str, data_root, out_dir, clip_weights=None) -> dict:
+def require_complete(failures: pd.DataFrame, what: str) -> None:
+    """Raise a PmoeError listing every failed job (after the notebook has drawn what it could)."""
+    if len(failures):
+        listing = "\n".join("  " + ", ".join(f"{key}={value}" for key, value in row.items())
+                             for row in failures.to_dict("records"))
+        raise PmoeError(f"{len(failures)} {what} failed (their cells are missing from the tables):\n{listing}")
+
+
+def training_dynamics(preset: str, data_root, out_dir, clip_weights=None, seeds=None) -> dict:
     """Figure 7: the full model and the model without L_decouple, trained on the primary source with
-    the validation I-AUROC on the secondary one after every epoch; their epoch logs by label."""
+    the validation I-AUROC on the secondary one after every epoch; their epoch logs (all seeds,
+    a ``seed`` column) by label."""
     src = sources(preset)
     labels = {"paper": "with L_decouple", "fig7-no-decouple": "w/o L_decouple"}
     logs = {}
     for variant, label in labels.items():
-        run = train(preset, variant, src["primary"], data_root, out_dir, clip_weights, folder="figure7",
-                    val_set=src["secondary"], val_root=dataset_root(data_root, src["secondary"]))
-        logs[label] = pd.read_csv(run / "log_epochs.csv")
+        logs[label] = pd.concat([
+            pd.read_csv(train(preset, variant, src["primary"], data_root, out_dir, clip_weights, seed=seed,
+                              folder="figure7", val_set=src["secondary"],
+                              val_root=dataset_root(data_root, src["secondary"])) / "log_epochs.csv").assign(seed=seed)
+            for seed in default_seeds(preset, seeds)], ignore_index=True)
     return logs
 
 
 def qualitative_samples(preset: str, datasets, data_root, out_dir, clip_weights=None, per_dataset: int = 2,
-                        variant: str = "paper") -> dict:
-    """Figure 5: the highest-scoring anomalous images of each dataset with their masks and maps."""
+                        variant: str = "paper", seed: int | None = None) -> dict:
+    """Figure 5: the highest-scoring anomalous images of each dataset with their masks and maps
+    (the model of ``seed``, default the config's)."""
     from pmoe.checkpoint import load_run
     from pmoe.data import AnomalyDataset, build_manifest
     from pmoe.evaluation import image_ids
     from pmoe.inference import predict
 
+    seed = config_for(preset, variant).seed if seed is None else seed
     picked = {"images": [], "masks": [], "maps": [], "titles": []}
     for name in datasets:
         train_set = train_set_for(name, preset)
-        scores = evaluation_file(out_dir, variant, name, preset, "scores.csv")
+        scores = evaluation_file(out_dir, variant, name, preset, "scores.csv", seed=seed)
         top = scores[scores["label"] == 1].nlargest(per_dataset, "score")
-        model = load_run(run_dir(out_dir, variant, train_set), clip_weights=clip_weights)
+        model = load_run(run_dir(out_dir, variant, train_set, seed), clip_weights=clip_weights)
         root = dataset_root(data_root, name)
         manifest = build_manifest(name, root)
         rows = manifest[pd.Series(image_ids(manifest)).isin(top["image"]).to_numpy()].reset_index(drop=True)
@@ -264,8 +302,38 @@ def expert_embeddings(run) -> tuple:
     return embeddings, labels
 
 
-def collect(out_dir, filename: str = "metrics.csv") -> pd.DataFrame:
-    """Concatenate every evaluation's ``filename`` under ``out_dir/eval`` (empty frame if none)."""
-    paths = sorted((Path(out_dir) / "eval").glob(f"*/*/{filename}"))
-    frames = [pd.read_csv(path, dtype={"cls": str}).assign(train_run=path.parent.parent.name) for path in paths]
+def collect(out_dir) -> pd.DataFrame:
+    """Every finished evaluation's metrics under ``out_dir/eval``, with its ``train_set`` and ``seed``
+    (from its evaluation.json); an empty frame if none. Unfinished folders are left out."""
+    from pmoe.evaluation import SETTINGS, read_metrics
+
+    frames = []
+    for settings in sorted((Path(out_dir) / "eval").glob(f"*/*/{SETTINGS}")):
+        recorded = json.loads(settings.read_text())
+        metrics = read_metrics(settings.parent / "metrics.csv")
+        frames.append(metrics.assign(train_set=recorded["train_set"], seed=recorded["seed"]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def zero_shot_results(out_dir, preset: str, datasets=None, seeds=None) -> pd.DataFrame:
+    """The zero-shot rows of every finished evaluation under ``out_dir`` (one row per seed, dataset,
+    class and metric), of ``datasets`` and ``seeds`` only when given: what the tables are made of."""
+    frame = zero_shot(collect(out_dir), preset)
+    if frame.empty:
+        return frame
+    keep = pd.Series(True, index=frame.index)
+    if datasets is not None:
+        keep &= frame["dataset"].isin(list(datasets))
+    if seeds is not None:
+        keep &= frame["seed"].isin(list(seeds))
+    return frame[keep].reset_index(drop=True)
+
+
+def zero_shot(frame: pd.DataFrame, preset: str) -> pd.DataFrame:
+    """The rows of a collected frame that are zero-shot: the model never saw the dataset's classes
+    (Table 1 and Tables 2-6; Figure 6's "seen" evaluation is left out)."""
+    if frame.empty:
+        return frame
+    keep = [train_set == train_set_for(dataset, preset)
+            for dataset, train_set in zip(frame["dataset"], frame["train_set"])]
+    return frame[keep].reset_index(drop=True)

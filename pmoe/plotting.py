@@ -76,8 +76,9 @@ def radar_chart(table1_long: pd.DataFrame, metrics=("image_auroc", "pro"), path=
     """Figure 2: one radar panel per metric over the datasets that report it, one line per method.
 
     ``table1_long`` is :func:`pmoe.tables.table1_long` (columns dataset, method, metric, value,
-    optionally title); our line (method ``"ours"``) is drawn thicker. Values are percent on a
-    0-100 radius; a missing value leaves a gap.
+    optionally title, sd); our line (method ``"ours"``) is drawn thicker, with a band of one
+    standard deviation over seeds where ``sd`` is given. Values are percent on a 0-100 radius; a
+    missing value leaves a gap.
     """
     _require(table1_long, ("dataset", "method", "metric", "value"), "the Table 1 rows")
     fig = Figure(figsize=(6.5 * len(metrics), 6.5), layout="constrained")
@@ -96,6 +97,13 @@ def radar_chart(table1_long: pd.DataFrame, metrics=("image_auroc", "pro"), path=
             values = wide[method].to_numpy(dtype=float)
             style = {"linewidth": 2.5, "color": "black"} if method == OURS else {"linewidth": 1.2}
             ax.plot(closed, np.append(values, values[0]), label=method, **style)
+        if "sd" in rows.columns and rows.loc[rows["method"] == OURS, "sd"].notna().any():
+            spread = rows[rows["method"] == OURS].assign(label=labels).set_index("label")["sd"]
+            spread = spread.reindex(wide.index).fillna(0.0).to_numpy(dtype=float)
+            mean = wide[OURS].to_numpy(dtype=float)
+            ax.fill_between(closed, np.append(mean - spread, mean[0] - spread[0]),
+                            np.append(mean + spread, mean[0] + spread[0]), color="black", alpha=0.15,
+                            label=f"{OURS} ± sd")
         ax.set_xticks(angles, wide.index, fontsize=8)
         ax.tick_params(axis="x", pad=6)
         ax.tick_params(axis="y", labelsize=7)
@@ -192,7 +200,9 @@ def training_dynamics(logs: dict, path=None) -> Figure:
     """Figure 7: L_balance, L_decouple and validation I-AUROC per epoch, one line style per run.
 
     ``logs`` maps a label (e.g. ``"with L_decouple"``) to that run's ``log_epochs.csv`` frame;
-    the first is solid, the second dashed, as in the paper. Missing values are skipped.
+    the first is solid, the second dashed, as in the paper. A frame with a ``seed`` column and
+    several seeds is drawn as the mean over seeds with a band of one standard deviation.
+    Missing values are skipped.
     """
     fig = Figure(figsize=(13, 3.6), layout="constrained")
     axes = fig.subplots(1, len(DYNAMICS_PANELS))
@@ -200,8 +210,11 @@ def training_dynamics(logs: dict, path=None) -> Figure:
     for (label, frame), style in zip(logs.items(), cycle(LINESTYLES)):
         _require(frame, ("epoch", *(column for column, _ in DYNAMICS_PANELS)), f"the epoch log of {label!r}")
         for ax, (column, title), color in zip(axes, DYNAMICS_PANELS, colors):
-            points = frame[["epoch", column]].dropna()
-            ax.plot(points["epoch"], points[column], linestyle=style, color=color, marker=".", label=label)
+            points = frame[["epoch", column]].dropna().groupby("epoch")[column].agg(["mean", "std"])
+            ax.plot(points.index, points["mean"], linestyle=style, color=color, marker=".", label=label)
+            if points["std"].notna().any():
+                band = points["std"].fillna(0.0)
+                ax.fill_between(points.index, points["mean"] - band, points["mean"] + band, color=color, alpha=0.15)
             ax.set_title(title)
             ax.set_xlabel("epoch")
     for ax in axes:

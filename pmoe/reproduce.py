@@ -1,9 +1,11 @@
 """Run the numbered notebooks in order with papermill (``pmoe reproduce``).
 
 Each notebook declares its inputs in one cell tagged ``parameters``. A preset fixes the
-common ones (``preset``, ``data_root``, ``clip_weights``, ``out_dir``, ``datasets``); each
-notebook receives those it declares. Executed copies go to ``results/executed/<preset>/``.
-A failing notebook is recorded and the run goes on; the summary names every failure.
+common ones (``preset``, ``data_root``, ``clip_weights``, ``out_dir``, ``datasets``,
+``seeds``); each notebook receives those it declares. Executed copies go to
+``results/executed/<preset>/``. A failing notebook (or a notebook whose datasets or ablation
+runs partly failed: it draws what it can, then fails) is recorded and the run goes on; the
+summary names every failure, why, and the executed copy that holds its log.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ NOTEBOOKS = REPO / "notebooks"
 RESULTS = REPO / "results"
 
 PRESETS = {
-    "paper": {"clip_weights": "openai", "data_root": None, "parallel": 1},
-    "demo": {"clip_weights": "random", "data_root": "data/demo", "parallel": 2},
-    "tiny": {"clip_weights": "random", "data_root": "data/tiny", "parallel": 2},
+    "paper": {"clip_weights": "openai", "data_root": None, "parallel": 1, "seeds": [111]},
+    "demo": {"clip_weights": "random", "data_root": "data/demo", "parallel": 2, "seeds": [0, 1]},
+    "tiny": {"clip_weights": "random", "data_root": "data/tiny", "parallel": 2, "seeds": [0]},
 }
 
 
@@ -30,6 +32,7 @@ class Outcome:
     notebook: str
     seconds: float
     error: str = ""
+    log: str = ""  # the executed copy, which holds the notebook's output and traceback
 
     @property
     def ok(self) -> bool:
@@ -47,7 +50,7 @@ class Report:
     def summary(self) -> str:
         lines = [f"{'ok' if o.ok else 'FAILED':>6}  {o.seconds:7.1f} s  {o.notebook}" for o in self.outcomes]
         for outcome in self.failed:
-            lines.append(f"\n{outcome.notebook} failed:\n{outcome.error}")
+            lines.append(f"\n{outcome.notebook} failed (log: {outcome.log}):\n{outcome.error}")
         verdict = f"{len(self.failed)} of {len(self.outcomes)} notebooks failed" if self.failed else \
             f"all {len(self.outcomes)} notebooks ran"
         return "\n".join(lines + [verdict])
@@ -63,7 +66,8 @@ def notebook_paths(selection=None) -> list:
     return paths
 
 
-def common_parameters(preset: str, data_root=None, clip_weights=None, out_dir=None, datasets=None) -> dict:
+def common_parameters(preset: str, data_root=None, clip_weights=None, out_dir=None, datasets=None,
+                      seeds=None) -> dict:
     """The parameters every notebook may declare, resolved to absolute paths."""
     if preset not in PRESETS:
         raise PmoeError(f"unknown preset {preset!r} for reproduce; use one of {', '.join(PRESETS)}.")
@@ -78,6 +82,7 @@ def common_parameters(preset: str, data_root=None, clip_weights=None, out_dir=No
         "clip_weights": clip_weights or defaults["clip_weights"],
         "out_dir": str((REPO / (out_dir or f"results/run-{preset}")).resolve()),
         "parallel": defaults["parallel"],
+        "seeds": [int(seed) for seed in (seeds or defaults["seeds"])],
     }
     if datasets:
         params["datasets"] = list(datasets)
@@ -105,14 +110,16 @@ def run_notebook(source, target, parameters: dict, prepare_only: bool = False, p
             prepare_only=prepare_only, cwd=str(REPO), progress_bar=progress, kernel_name="python3",
         )
     except papermill.PapermillExecutionError as error:
-        return Outcome(source.name, time.perf_counter() - start, f"{error.ename}: {error.evalue}")
-    return Outcome(source.name, time.perf_counter() - start)
+        return Outcome(source.name, time.perf_counter() - start, f"{error.ename}: {error.evalue}", str(target))
+    except Exception as error:  # a dead kernel or unreadable notebook: recorded, the others still run
+        return Outcome(source.name, time.perf_counter() - start, f"{type(error).__name__}: {error}", str(target))
+    return Outcome(source.name, time.perf_counter() - start, log=str(target))
 
 
 def reproduce(preset: str, *, data_root=None, clip_weights=None, datasets=None, out_dir=None,
-              executed_dir=None, notebooks=None, prepare_only=False, echo=print) -> Report:
+              executed_dir=None, notebooks=None, seeds=None, prepare_only=False, echo=print) -> Report:
     """Run (or only prepare) the notebooks in order; returns a Report of every outcome."""
-    params = common_parameters(preset, data_root, clip_weights, out_dir, datasets)
+    params = common_parameters(preset, data_root, clip_weights, out_dir, datasets, seeds)
     executed = Path(executed_dir) if executed_dir else RESULTS / "executed" / preset
     report = Report()
     for path in notebook_paths(notebooks):

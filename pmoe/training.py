@@ -4,6 +4,7 @@
 dataset's test split (the cross-dataset protocol) and writes the run directory::
 
     config.json, provenance.json   the resolved config, git revision, package versions
+    identity.json                  what it is trained on: manifest digests, package version
     log_steps.csv, log_epochs.csv, expert_usage.csv   (see pmoe.training_log)
     state/epoch_NNN/               the latest complete epoch, for --resume (see pmoe.resume)
     model.safetensors              the trainable weights after the last epoch
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from pmoe.checkpoint import CONFIG, PROVENANCE, WEIGHTS, run_config, save_weights, write_run_metadata
 from pmoe.errors import ConfigError
 from pmoe.features import FeatureCache, visual_features
+from pmoe.identity import differences, run_identity
 from pmoe.io import write_text
 from pmoe.model import build_model
 from pmoe.resume import STATE_DIR, latest_state, load_state, save_state
@@ -52,7 +54,8 @@ from pmoe.train_step import TrainStep
 from pmoe.training_log import FILES, TERMS, TrainingLog, layer_names
 
 DONE = "done.json"
-RUN_FILES = (CONFIG, PROVENANCE, WEIGHTS, DONE, STATE_DIR, *FILES.values())
+IDENTITY = "identity.json"
+RUN_FILES = (CONFIG, PROVENANCE, IDENTITY, WEIGHTS, DONE, STATE_DIR, *FILES.values())
 SUMMED_TERMS = ("cls", "seg", "focal", "dice")  # per-sample means, weighted by shard size
 
 
@@ -65,6 +68,8 @@ def train(config, train_set, data_root, out_dir, *, manifest=None, epochs=None, 
     ``epochs``, ``batch_size`` and ``seed`` override the config (the resolved config is saved).
     ``cache_dir`` holds the frozen-feature cache (None: features computed every epoch).
     ``val_set``/``val_root`` add a validation image AUROC per epoch.
+    With ``resume`` a finished run is kept and an interrupted one continued, but only when its
+    config and :func:`pmoe.identity.run_identity` (data, package version) equal the request.
     """
     overrides = {"epochs": epochs, "batch_size": batch_size, "seed": seed}
     config = config.replace(**{key: value for key, value in overrides.items() if value is not None})
@@ -72,31 +77,38 @@ def train(config, train_set, data_root, out_dir, *, manifest=None, epochs=None, 
     configure_backend(device)
     rank, world = init_distributed(device)
     run_dir = Path(out_dir).expanduser()
-    if prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite, main=rank == 0):
+    frame = training_manifest(train_set, data_root, manifest)
+    val_frame = training_manifest(val_set, val_root, None) if val_set is not None else None
+    identity = run_identity(train_set, manifest, frame, None if val_set is None else (val_set, val_frame))
+    if prepare_run_dir(run_dir, config, identity, resume=resume, overwrite=overwrite, main=rank == 0):
         if rank == 0:
-            print(f"{run_dir} already holds a finished run; nothing to do")
+            print(f"{run_dir} already holds this finished run; nothing to do")
         return run_dir
     seed_everything(config.seed)
     model = build_model(config).to(device)
     cache = FeatureCache(cache_dir, config)
-    data = feature_dataset(cache, model, train_set, data_root, manifest, device, num_workers, progress)
+    data = feature_dataset(cache, model, frame, data_root, device, num_workers, progress)
     validation = None
     if val_set is not None:
-        validation = feature_dataset(cache, model, val_set, val_root, None, device, num_workers, progress,
-                                     masks=False)
+        validation = feature_dataset(cache, model, val_frame, val_root, device, num_workers, progress, masks=False)
     trainer = Trainer(model, config, device, rank, world)
-    trainer.run(run_dir, data, validation, describe(train_set, manifest, data), resume, num_workers, progress)
+    trainer.run(run_dir, data, validation, resume, num_workers, progress)
     return run_dir
 
 
-def describe(train_set, manifest, data) -> dict:
-    """What a run was trained on (checked when resuming)."""
-    manifest = str(Path(manifest).expanduser().resolve()) if manifest is not None else None
-    return {"train_set": train_set, "manifest": manifest, "num_samples": len(data)}
+def training_manifest(name, root, manifest):
+    """The manifest frame of dataset ``name`` under ``root``, or read from the ``manifest`` CSV."""
+    from pmoe.data import build_manifest, read_manifest
+
+    if name is None and manifest is None:
+        raise ConfigError("name the training data: a dataset (--train-set) or a manifest CSV (--manifest)")
+    if root is None:
+        raise ConfigError(f"dataset {name!r} needs its root folder (--data-root / --val-root)")
+    return read_manifest(manifest) if manifest is not None else build_manifest(name, root)
 
 
-def prepare_run_dir(run_dir: Path, config, *, resume: bool, overwrite: bool, main: bool) -> bool:
-    """Check ``run_dir`` against the request; True when it holds a finished run to keep.
+def prepare_run_dir(run_dir: Path, config, identity: dict, *, resume: bool, overwrite: bool, main: bool) -> bool:
+    """Check ``run_dir`` against the request; True when it holds the same finished run, to keep.
 
     Every process checks (so all raise alike); only the main process changes files.
     """
@@ -109,39 +121,43 @@ def prepare_run_dir(run_dir: Path, config, *, resume: bool, overwrite: bool, mai
     barrier()
     started, finished = (run_dir / CONFIG).is_file(), (run_dir / DONE).is_file()
     barrier()  # every process has looked before the main one writes
-    if finished:
-        if resume:
-            return True
+    if finished and not resume:
         raise ConfigError(f"{run_dir} already holds a finished run; pass --overwrite to train it again, "
                           "or choose another --out")
     if started and not resume:
         raise ConfigError(f"{run_dir} holds an unfinished run; pass --resume to continue it, "
                           "or --overwrite to start again")
     if started:
-        require_same_config(run_config(run_dir), config, run_dir)
-    elif main:
+        require_same_run(run_dir, config, identity, finished)
+        return finished
+    if main:
         write_run_metadata(run_dir, config)
+        write_text(run_dir / IDENTITY, json.dumps(identity, indent=2) + "\n")
     barrier()
     return False
 
 
-def require_same_config(saved, config, run_dir) -> None:
-    if saved != config:
-        keys = [key for key, value in config.to_dict().items() if saved.to_dict()[key] != value]
-        changes = ", ".join(f"{key}: {saved.to_dict()[key]!r} -> {config.to_dict()[key]!r}" for key in keys)
-        raise ConfigError(f"cannot resume {run_dir}: its config differs ({changes}); resume with the "
-                          "run's own settings, or pass --overwrite to start a new run")
+def require_same_run(run_dir: Path, config, identity: dict, finished: bool) -> None:
+    """A ConfigError naming every difference between the run in ``run_dir`` and the request."""
+    saved = run_config(run_dir)
+    what = "keep the finished run" if finished else "resume"
+    changed = differences(saved.to_dict(), config.to_dict())
+    if changed:
+        raise ConfigError(f"cannot {what} in {run_dir}: its config differs ({'; '.join(changed)}); use the run's "
+                          "own settings, pass --overwrite to train it again, or choose another --out")
+    path = run_dir / IDENTITY
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    changed = differences(recorded, identity)
+    if changed:
+        raise ConfigError(f"cannot {what} in {run_dir}: it was trained on other data or by another pmoe version "
+                          f"({'; '.join(changed)}); pass the same training data, --overwrite to train it again, "
+                          "or choose another --out")
 
 
-def feature_dataset(cache, model, name, root, manifest, device, num_workers, progress, masks=True):
-    """The (cached) feature dataset of every sample of dataset ``name`` (or ``manifest``)."""
-    from pmoe.data import AnomalyDataset, build_manifest, read_manifest
+def feature_dataset(cache, model, frame, root, device, num_workers, progress, masks=True):
+    """The (cached) feature dataset of every sample of the manifest ``frame`` under ``root``."""
+    from pmoe.data import AnomalyDataset
 
-    if name is None and manifest is None:
-        raise ConfigError("name the training data: a dataset (--train-set) or a manifest CSV (--manifest)")
-    if root is None:
-        raise ConfigError(f"dataset {name!r} needs its root folder (--data-root / --val-root)")
-    frame = read_manifest(manifest) if manifest is not None else build_manifest(name, root)
     dataset = AnomalyDataset(frame, root, model.config.image_size, return_mask=masks)
     return cache.features(model, dataset, model.config.batch_size, device, progress, num_workers)
 
@@ -164,14 +180,13 @@ class Trainer:
     def main(self) -> bool:
         return self.rank == 0
 
-    def run(self, run_dir: Path, data, validation, source: dict, resume: bool, num_workers: int, progress: bool):
+    def run(self, run_dir: Path, data, validation, resume: bool, num_workers: int, progress: bool):
         """All epochs not yet done, a state after each, then the final weights and done.json."""
         config = self.config
         log, first, step = TrainingLog(), 1, 0
         state = latest_state(run_dir) if resume else None
         if state is not None:
             done, log = load_state(state, self.model, self.optimizer)
-            require_same_source(done, source, run_dir)
             first, step = done["epoch"] + 1, done["step"]
         for epoch in range(first, config.epochs + 1):
             step = self.epoch(epoch, step, data, log, num_workers, progress)
@@ -179,7 +194,7 @@ class Trainer:
             names = layer_names(config, self.usage.shape[0]) if self.usage is not None else []
             row = log.end_epoch(epoch, self.usage, names, auroc)
             if self.main:
-                save_state(run_dir, {"epoch": epoch, "step": step, **source}, self.model, self.optimizer, log)
+                save_state(run_dir, {"epoch": epoch, "step": step}, self.model, self.optimizer, log)
                 log.write(run_dir)
                 if progress:
                     tqdm.write(f"epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}, val image AUROC {auroc:.4f}")
@@ -249,13 +264,6 @@ class Trainer:
         selected = routing["indices"][:real]
         counts = F.one_hot(selected, self.config.num_experts).sum(dim=(0, 3))
         self.usage = counts if self.usage is None else self.usage + counts
-
-
-def require_same_source(done: dict, source: dict, run_dir) -> None:
-    saved = {key: done.get(key) for key in source}
-    if saved != source:
-        raise ConfigError(f"cannot resume {run_dir}: it was trained on {saved}, not {source}; pass the "
-                          "same training data, or --overwrite to start a new run")
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """The experiment plan the notebooks follow: directions, configs, input checks, collected results."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from safetensors.numpy import save_file
 
-from pmoe import experiments
+from pmoe import experiments, tables
 from pmoe.checkpoint import write_run_metadata
 from pmoe.errors import ConfigError, DataError, PmoeError
 
@@ -58,14 +60,48 @@ def test_expert_embeddings_are_the_mean_of_each_expert_per_layer(tmp_path):
     assert np.allclose(embeddings["abnormal"][8 + 2], pools["vgmop.1.experts.abnormal"][2].mean(axis=0))
 
 
-def test_collect_concatenates_every_evaluation(tmp_path):
-    for run, dataset in (("paper__mvtec", "visa"), ("paper__visa", "mvtec")):
-        folder = tmp_path / "eval" / run / dataset
-        folder.mkdir(parents=True)
-        pd.DataFrame({"run": ["paper"], "dataset": [dataset], "cls": ["01"], "metric": ["pro"],
-                      "value": [50.0], "reason": [""]}).to_csv(folder / "metrics.csv", index=False)
+def write_evaluation(out_dir, variant, train_set, dataset, seed, value, finished=True):
+    folder = experiments.eval_dir(out_dir, variant, train_set, dataset, seed)
+    folder.mkdir(parents=True)
+    pd.DataFrame({"run": [variant], "dataset": [dataset], "cls": ["01"], "metric": ["pro"],
+                  "value": [value], "reason": [""]}).to_csv(folder / "metrics.csv", index=False)
+    if finished:
+        (folder / "evaluation.json").write_text(json.dumps({"train_set": train_set, "seed": seed}))
+
+
+def test_collect_reads_every_finished_evaluation_with_its_train_set_and_seed(tmp_path):
+    write_evaluation(tmp_path, "paper", "mvtec", "visa", 111, 50.0)
+    write_evaluation(tmp_path, "paper", "visa", "mvtec", 112, 60.0)
+    write_evaluation(tmp_path, "paper", "visa", "mpdd", 111, 70.0, finished=False)  # interrupted: left out
     frame = experiments.collect(tmp_path)
-    assert sorted(frame["dataset"]) == ["mvtec", "visa"] and frame["cls"].tolist() == ["01", "01"]
+    assert sorted(zip(frame["dataset"], frame["train_set"], frame["seed"])) == [("mvtec", "visa", 112),
+                                                                                 ("visa", "mvtec", 111)]
+    assert frame["cls"].tolist() == ["01", "01"]
     assert experiments.collect(tmp_path / "nothing").empty
-    with pytest.raises(PmoeError, match="evaluate 'paper' on 'mpdd' first"):
+    with pytest.raises(PmoeError, match="evaluate 'paper' on 'mpdd' \\(seed 111\\) first"):
         experiments.evaluation_file(tmp_path, "paper", "mpdd", "paper", "routing.csv")
+
+
+def test_zero_shot_keeps_the_rows_of_models_that_never_saw_the_dataset(tmp_path):
+    write_evaluation(tmp_path, "paper", "visa", "mvtec", 111, 60.0)
+    write_evaluation(tmp_path, "paper", "mvtec", "mvtec", 111, 99.0)  # Figure 6's seen evaluation
+    write_evaluation(tmp_path, "paper", "mvtec", "visa", 111, 50.0)
+    write_evaluation(tmp_path, "paper", "mvtec", "visa", 112, 52.0)
+    ours = experiments.zero_shot_results(tmp_path, "paper")
+    assert sorted(zip(ours["dataset"], ours["value"])) == [("mvtec", 60.0), ("visa", 50.0), ("visa", 52.0)]
+    assert experiments.zero_shot_results(tmp_path, "paper", datasets=["visa"], seeds=[112])["value"].tolist() == [52.0]
+    with pytest.raises(DataError, match="zero_shot"):
+        tables.seed_values(experiments.collect(tmp_path), "paper")
+
+
+def test_run_names_and_default_seeds():
+    assert experiments.run_name("paper", "mvtec", 111) == "paper__mvtec__seed111"
+    assert experiments.default_seeds("paper") == [111] and experiments.default_seeds("tiny") == [0]
+    assert experiments.default_seeds("paper", (1, 2)) == [1, 2]
+
+
+def test_require_complete_lists_every_failure():
+    experiments.require_complete(pd.DataFrame(columns=["variant", "error"]), "runs")
+    failures = pd.DataFrame([{"variant": "a", "error": "boom"}, {"variant": "b", "error": "bang"}])
+    with pytest.raises(PmoeError, match="(?s)2 ablation runs failed.*variant=a, error=boom.*variant=b"):
+        experiments.require_complete(failures, "ablation runs")

@@ -63,7 +63,7 @@ def test_format_pairs_renders_the_printed_layout(ours_table1):
     assert row["PromptMoE"] == "(93.8, 97.2)"
     assert row[tables.OURS] == "(94.8, 98.2)"
     assert row[tables.DIFF] == "(+1.0, +1.0)"
-    assert pairs.loc[("Medical pixel-level (P-AUROC, PRO)", "Kvasir"), tables.OURS] == "(-, -)"
+    assert pairs.loc[("Medical pixel-level (P-AUROC, PRO)", "Kvasir"), tables.OURS] == tables.MISSING
     assert pairs.loc[("Medical pixel-level (P-AUROC, PRO)", "Average"), "APRIL-GAN"] == "(81.0, 58.7)"
 
 
@@ -123,3 +123,66 @@ def test_per_class_average_is_nan_when_a_class_is_missing():
     assert not np.isnan(table.loc[tables.AVERAGE, ("I-AUROC", "paper")])
     with pytest.raises(PmoeError, match="per-class tables are 8-12"):
         tables.per_class_table(2)
+
+
+# --- over seeds ---------------------------------------------------------------------------------
+
+def seeded(rows) -> pd.DataFrame:
+    """A collected frame: (run, dataset, cls, metric, seed, value) tuples."""
+    frame = pd.DataFrame(rows, columns=["run", "dataset", "cls", "metric", "seed", "value"])
+    return frame.assign(reason="", train_set="x")
+
+
+def test_seed_values_and_summary_against_hand_computation():
+    ours = seeded([("paper", "mvtec", "mean", "pro", seed, value) for seed, value in ((1, 90.0), (2, 92.0), (3, 97.0))]
+                  + [("paper", "mvtec", "mean", "image_auroc", seed, 80.0) for seed in (1, 2)])
+    summary = tables.summarize(tables.seed_values(ours, "paper"))
+    pro = summary.loc[("mvtec", "mean", "pro")]
+    assert pro["mean"] == pytest.approx(93.0) and pro["n"] == 3
+    assert pro["sd"] == pytest.approx(np.sqrt(((90 - 93) ** 2 + (92 - 93) ** 2 + (97 - 93) ** 2) / 2))
+    auroc = summary.loc[("mvtec", "mean", "image_auroc")]
+    assert auroc["mean"] == 80.0 and auroc["sd"] == 0.0 and auroc["n"] == 2
+    with pytest.raises(DataError, match="one seed"):
+        tables.seed_values(pd.concat([ours, ours.head(1)]), "paper")
+
+
+def test_table1_over_two_seeds_shows_mean_sd_n_and_flags(ours_table1):
+    two = pd.concat([ours_table1.assign(seed=1), ours_table1.assign(seed=2, value=ours_table1["value"] + 0.2)])
+    table = tables.table1(two)
+    assert list(table.columns)[-5:] == [tables.OURS, tables.OURS_SD, tables.OURS_N, tables.DIFF, tables.FLAG]
+    mvtec = table.loc[("Industrial image-level", "MVTec AD", "I-AUROC")]
+    assert mvtec[tables.OURS] == pytest.approx(94.9) and mvtec[tables.OURS_N] == 2
+    assert mvtec[tables.OURS_SD] == pytest.approx(np.sqrt(2 * 0.1 ** 2))  # values 94.8 and 95.0
+    assert mvtec[tables.DIFF] == pytest.approx(1.1) and mvtec[tables.FLAG]  # 1.1 > 2 x 0.14
+    average = table.loc[("Industrial image-level", tables.AVERAGE, "I-AUROC")]
+    assert average[tables.OURS_SD] == pytest.approx(np.sqrt(2 * 0.1 ** 2))  # the seeds' averages differ by 0.2
+    assert average[tables.OURS_N] == 2
+    pairs = tables.format_pairs(table)
+    row = pairs.loc[("Industrial image-level (I-AUROC, I-AP)", "MVTec AD")]
+    assert row[tables.OURS] == "(94.9 ± 0.1, 98.3 ± 0.1)" and row[tables.OURS_N] == "(2, 2)"
+    assert row[tables.DIFF] == "(+1.1*, +1.1*)"
+    assert tables.OURS_SD not in pairs.columns and tables.FLAG not in pairs.columns
+
+
+def test_one_seed_looks_as_without_seeds(ours_table1):
+    with_seed = tables.table1(ours_table1.assign(seed=111))
+    pd.testing.assert_frame_equal(with_seed, tables.table1(ours_table1))
+
+
+def test_ablation_and_per_class_tables_over_seeds():
+    frame = paper.load_paper(3)
+    rows = [("table3-alpha0", r.dataset, "mean", r.metric, seed, r.value + delta)
+            for r in frame[frame.variant == "table3-alpha0"].itertuples() for seed, delta in ((1, -1.0), (2, 1.0))]
+    table = tables.ablation_table(3, seeded(rows))
+    alpha0 = table.loc[("table3-alpha0", "alpha = 0 (w/o L_balance)")]
+    assert alpha0[("MVTec AD", "I-AUROC", "ours")] == pytest.approx(92.1)
+    assert alpha0[("MVTec AD", "I-AUROC", "sd")] == pytest.approx(np.sqrt(2))
+    assert alpha0[("MVTec AD", "I-AUROC", "n")] == 2 and not alpha0[("MVTec AD", "I-AUROC", "flag")]
+    btad = paper.load_paper(11)
+    rows = [("paper", "btad", r.cls, r.metric, seed, r.value + delta)
+            for r in btad.itertuples() for seed, delta in ((1, -3.0), (2, 1.0))]
+    per_class = tables.per_class_table(11, seeded(rows))
+    assert per_class.loc["01", ("PRO", "ours")] == pytest.approx(77.8 - 1.0)
+    assert per_class.loc[tables.AVERAGE, ("PRO", "sd")] == pytest.approx(np.sqrt(8))  # seed averages differ by 4
+    assert per_class.loc[tables.AVERAGE, ("PRO", "diff")] == pytest.approx(-1.0)
+    assert not per_class.loc[tables.AVERAGE, ("PRO", "flag")]  # |-1.0| is within 2 x 2.83
