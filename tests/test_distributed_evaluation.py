@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pmoe.data import build_manifest
+from pmoe.data.synthetic import write_dataset
 from pmoe.evaluation import evaluate
 from test_evaluation import make_run, read_metrics, write_synthetic
 
@@ -51,3 +52,24 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     listing = [sorted(p.name for p in (tmp_path / folder / "overlays").rglob("*.png"))
                for folder in ("ddp", "single")]
     assert listing[0] == listing[1] and len(listing[0]) == 4
+
+
+@pytest.mark.slow
+def test_two_processes_fill_the_cache_of_every_class_completely(tmp_path):
+    """10 images in each of 2 classes: the main process decides which entries are missing and both
+    processes get the same list, so no entry is skipped while the other process is still busy with
+    the previous class's metrics (each process deciding for itself skipped some)."""
+    run_dir = make_run(tmp_path / "run")
+    root = write_dataset("synthetic-b", tmp_path / "data", image_size=48, n_normal=4, n_anomalous=6)
+    frame = build_manifest("synthetic-b", root)
+    frame[frame["cls"].isin(["ring", "tablet"])].to_csv(tmp_path / "manifest.csv", index=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pmoe.cli", "evaluate", "--checkpoint", str(run_dir), "--dataset", "synthetic-b",
+               "--data-root", str(root), "--out", str(tmp_path / "ddp"), "--manifest", str(tmp_path / "manifest.csv"),
+               "--cache-dir", str(tmp_path / "cache"), "--batch-size", "2", "--overlays", "3", "--device", "cpu",
+               "--quiet"]  # the overlays keep the main process busy after each class
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 20
+    assert len(pd.read_csv(tmp_path / "ddp" / "scores.csv")) == 20
