@@ -226,7 +226,10 @@ def run_ablations(preset: str, variants, targets, data_root, out_dir, clip_weigh
                                    progress=False))
         except PmoeError as error:
             failures.append({"variant": variant, "target": target, "seed": seed, "error": str(error)})
-    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    from pmoe.evaluation import METRIC_COLUMNS
+
+    columns = [*METRIC_COLUMNS, "train_set", "seed"]
+    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     return metrics, pd.DataFrame(failures, columns=["variant", "target", "seed", "error"])
 
 
@@ -304,15 +307,17 @@ def expert_embeddings(run) -> tuple:
 
 def collect(out_dir) -> pd.DataFrame:
     """Every finished evaluation's metrics under ``out_dir/eval``, with its ``train_set`` and ``seed``
-    (from its evaluation.json); an empty frame if none. Unfinished folders are left out."""
-    from pmoe.evaluation import SETTINGS, read_metrics
+    (from its evaluation.json); a frame without rows if none. Unfinished folders are left out."""
+    from pmoe.evaluation import METRIC_COLUMNS, SETTINGS, read_metrics
 
     frames = []
     for settings in sorted((Path(out_dir) / "eval").glob(f"*/*/{SETTINGS}")):
         recorded = json.loads(settings.read_text())
         metrics = read_metrics(settings.parent / "metrics.csv")
         frames.append(metrics.assign(train_set=recorded["train_set"], seed=recorded["seed"]))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not frames:
+        return pd.DataFrame(columns=[*METRIC_COLUMNS, "train_set", "seed"])
+    return pd.concat(frames, ignore_index=True)
 
 
 def zero_shot_results(out_dir, preset: str, datasets=None, seeds=None) -> pd.DataFrame:
