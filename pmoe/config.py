@@ -3,9 +3,10 @@
 ``Config()`` is the paper's model and protocol. Every choice the paper leaves open is a field
 marked ``[decision]`` (see the README's "Reproduction decisions" table). Presets are named
 overrides: ``Config.preset("paper")``, one preset per ablation row of Tables 2-6 and Figure 7,
-one per alternative reading of the paper (``global-open-clip``, ``vgmop-projected``), and ``tiny`` (a random tiny CLIP for tests and the demo). An ablation preset can be applied on
-top of another base: ``Config.preset("table3-alpha0", base="tiny")``. ``Config.presets()``
-lists every name. Unknown keys are errors; a config round-trips through JSON.
+one per alternative reading of the paper (``global-open-clip``, ``vgmop-projected``), and
+``tiny`` (a random tiny CLIP for tests and the demo). An ablation preset can be applied on top
+of another base: ``Config.preset("table3-alpha0", base="tiny")``. ``Config.presets()`` lists
+every name. Unknown keys are errors; a config round-trips through JSON.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ prompt, one name per image). It returns :class:`PromptOutput`: the normalised te
 F_T (B, L, 2, D), one slot per tapped layer, states ordered [normal, abnormal], and the
 routing decisions (a dict of stacked tensors) or None. The model computes maps, scores and
 losses from these alone, so another learner (e.g. AnomalyCLIP's object-agnostic prompts) is
-added by subclassing :class:`PromptLearner` and registering it in ``LEARNERS`` under a
-``prompt_mode`` value; the map, score and loss path does not change.
+added by subclassing :class:`PromptLearner` and registering it in ``LEARNERS`` under a new
+``prompt_mode`` value (also listed in ``pmoe.config.CHOICES``); the map, score and loss path
+does not change.
 
 :class:`StatePrompts` is the paper's learner (``prompt_mode="vgmop"``: one VGMoP per tapped
 layer, Eq. 1-3) and the Table 2 baselines (``"static"``, ``"ensemble"``): learnable state

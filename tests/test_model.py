@@ -14,6 +14,7 @@ import pmoe
 from pmoe.backbone import load_clip
 from pmoe.losses import balance_loss, decouple_loss, dice_loss, focal_loss, total_loss
 from pmoe.maps import gaussian_smooth
+from pmoe.prompt_learners import LEARNERS, PromptLearner, PromptOutput
 from pmoe.vgmop import QueryAttention, aggregate, route
 from reference_model import anomalyclip_visual, bilinear_resize
 
@@ -241,7 +242,8 @@ def test_batched_forward_equals_one_image_at_a_time(model):
         assert torch.allclose(together["text_features"][index], alone["text_features"][0], atol=1e-5)
         assert torch.allclose(together["anomaly_map"][index], alone["anomaly_map"][0], atol=1e-5)
         for field in ("indices", "weights", "probs"):
-            assert torch.allclose(together["routing"][field][index].float(), alone["routing"][field][0].float(), atol=1e-5)
+            assert torch.allclose(together["routing"][field][index].float(), alone["routing"][field][0].float(),
+                                  atol=1e-5)
 
 
 def test_static_ensemble_averages_each_prompts_features():
@@ -254,9 +256,42 @@ def test_static_ensemble_averages_each_prompts_features():
         with torch.no_grad():
             single.prompt_learner.context.copy_(net.prompt_learner.context)
             for state in ("normal", "abnormal"):
-                single.prompt_learner.prompts.experts[state].copy_(net.prompt_learner.prompts.experts[state][index:index + 1])
+                experts = net.prompt_learner.prompts.experts[state]
+                single.prompt_learner.prompts.experts[state].copy_(experts[index:index + 1])
         singles.append(single(images(1))["text_features"][0, 0])
     assert torch.allclose(text, F.normalize(torch.stack(singles).mean(dim=0), dim=-1), atol=1e-6)
+
+
+class FixedPrompts(PromptLearner):
+    """A learner outside the paper: one learnable [normal, abnormal] pair of text features."""
+
+    def __init__(self, config, *, text, assembler, visual_width, embed_width):
+        super().__init__()
+        self.layers = config.num_layers
+        self.pair = torch.nn.Parameter(torch.randn(2, embed_width, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, image, class_names=None):
+        pair = self.pair / self.pair.norm(dim=-1, keepdim=True)
+        return PromptOutput(pair.expand(image.tokens.shape[0], self.layers, 2, -1), None)
+
+
+def test_another_prompt_learner_plugs_into_maps_scores_and_losses(monkeypatch):
+    monkeypatch.setitem(LEARNERS, "static", FixedPrompts)
+    config = TINY.replace(prompt_mode="static")
+    net = pmoe.build_model(config).train()
+    out = net(images(2))
+    pair = F.normalize(net.prompt_learner.pair, dim=-1)
+    assert torch.allclose(out["text_features"], pair.expand(2, 4, 2, -1))
+    f_g = F.normalize(net.encode_image(images(2)).cls_token @ net.visual.visual.proj, dim=-1)
+    assert torch.allclose(out["global_prob"], ((f_g @ pair.T) / 0.01).softmax(dim=-1)[:, 1], atol=1e-6)
+    assert out["routing"] is None and net.expert_pools() == []
+    assert net.parameter_counts()["prompt_generator"] == net.parameter_counts()["trainable"] == 2 * 64
+    assert set(net.trainable_state_dict()) == {"pair"}
+    terms = total_loss(out, torch.zeros(2, 112, 112), torch.tensor([0, 1]), expert_pools=net.expert_pools(),
+                       config=config)
+    assert terms["balance"].item() == terms["decouple"].item() == 0
+    terms["loss"].backward()
+    assert net.prompt_learner.pair.grad.abs().sum() > 0
 
 
 # --- Backbone --------------------------------------------------------------------------------
@@ -265,7 +300,11 @@ def test_static_ensemble_averages_each_prompts_features():
 def block_outputs(visual):
     """Copies of every block's output (1-indexed), recorded by forward hooks on the resblocks."""
     outputs = {}
-    handles = [block.register_forward_hook(lambda block, args, out, number=number: outputs.__setitem__(number, out.clone()))
+
+    def record(number):
+        return lambda block, args, out: outputs.__setitem__(number, out.clone())
+
+    handles = [block.register_forward_hook(record(number))
                for number, block in enumerate(visual.transformer.resblocks, start=1)]
     try:
         yield outputs
@@ -400,10 +439,16 @@ def test_training_forward_runs_in_the_configured_precision(monkeypatch):
 
     asked = []
     real = train_step.autocast
-    monkeypatch.setattr(train_step, "autocast", lambda device, precision: asked.append(precision) or real(device, precision))
+
+    def recording(device, precision):
+        asked.append(precision)
+        return real(device, precision)
+
+    monkeypatch.setattr(train_step, "autocast", recording)
     for precision in ("fp32", "bf16"):
         net = pmoe.build_model(TINY.replace(train_precision=precision))
-        train_step.TrainStep(net)(net.encode_image(images(2)), torch.zeros(2, 112, 112), torch.tensor([0, 1]), None, [2], 0)
+        features = net.encode_image(images(2))
+        train_step.TrainStep(net)(features, torch.zeros(2, 112, 112), torch.tensor([0, 1]), None, [2], 0)
     assert asked == ["fp32", "bf16"]
 
 
