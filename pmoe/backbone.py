@@ -4,11 +4,18 @@ The visual tower of an open_clip ``ViT-L-14-336`` runs at 518 px (the 24x24 posi
 resized to 37x37). Patch features are tapped at blocks ``config.layers`` (1-indexed). With
 ``vv_attention`` a second token stream runs beside the ordinary one from block ``vv_start``:
 ``x_vv <- x_vv + VV_b(ln_1_b(x_ori))``, where ``VV_b`` is block b's attention with queries
-and keys replaced by its values, and no MLP. Taps read the V-V stream; the global feature is
-the ordinary stream's final CLS token.
+and keys replaced by its values, and no MLP. Taps read the V-V stream (taps before
+``vv_start`` read the ordinary stream).
+
+The encoder returns :class:`VisualFeatures` (what the feature cache stores); everything else
+the model reads is derived from them at forward time by :meth:`VisualBackbone.image_features`:
+the normalised projected patch features of Eq. 6 and the global feature f_g of Eq. 7, which is
+the ordinary stream's final CLS token ``@ proj`` without ``ln_post`` (``"anomalyclip"``, as
+AnomalyCLIP computes it) or with it (``"open_clip"``, equal to ``encode_image``).
 
 Weights come from open_clip (``clip_weights="openai"``), from a local file, or are random
-(``"random"``, for tests and benchmarks). ``pmoe-tiny`` is a tiny CLIP config for tests.
+(``"random"``, for tests and benchmarks). ``pmoe-tiny`` and ``pmoe-tiny-deep`` (24 blocks, as
+ViT-L) are tiny CLIP configs for tests.
 """
 
 from __future__ import annotations
@@ -33,7 +40,16 @@ class VisualFeatures(NamedTuple):
     """What the frozen image encoder gives the rest of the model (and the feature cache)."""
 
     patch_tokens: torch.Tensor  # (B, L, HW, Dx): ln_post of each tap's patch tokens
-    cls_token: torch.Tensor  # (B, Dx): ln_post of the ordinary stream's final CLS token
+    cls_token: torch.Tensor  # (B, Dx): the ordinary stream's final CLS token, before ln_post
+
+
+class ImageFeatures(NamedTuple):
+    """What prompt learners, maps and scores read; derived from VisualFeatures, never cached."""
+
+    tokens: torch.Tensor  # (B, L, HW, Dx): F_x^(l), ln_post of each tap's patch tokens
+    global_token: torch.Tensor  # (B, Dx): the global feature before the projection
+    patches: torch.Tensor  # (B, L, HW, D): normalize(F_x^(l) @ proj), compared with F_T (Eq. 6)
+    global_feature: torch.Tensor  # (B, D): f_g = normalize(global_token @ proj) (Eq. 7)
 
 
 def load_clip(config) -> nn.Module:
@@ -103,18 +119,17 @@ def vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
 
 
 class VisualBackbone(nn.Module):
-    """The frozen CLIP image tower, returning tap features and the global token."""
+    """The frozen CLIP image tower, returning tap features and the final CLS token."""
 
     def __init__(self, clip: nn.Module, config):
         super().__init__()
         self.visual = clip.visual
-        self.layers = tuple(config.layers)
+        self.clip_model = config.clip_model
+        self.depth = len(self.visual.transformer.resblocks)
+        self.layers = self.check_layers(config.layers)
         self.vv_start = config.vv_start if config.vv_attention else None
         self.image_size = config.image_size
         patch = self.visual.patch_size[0]
-        depth = len(self.visual.transformer.resblocks)
-        if max(self.layers) > depth:
-            raise ConfigError(f"layers {self.layers} exceed the {depth} blocks of {config.clip_model}.")
         if config.image_size % patch:
             raise ConfigError(f"image_size {config.image_size} is not a multiple of the patch size {patch}.")
         if not getattr(self.visual.transformer, "batch_first", True):
@@ -125,7 +140,24 @@ class VisualBackbone(nn.Module):
 
     @property
     def width(self) -> int:
+        """Dx, the width of the tokens inside the tower (1024 for ViT-L)."""
         return self.visual.class_embedding.shape[0]
+
+    @property
+    def embed_width(self) -> int:
+        """D, the width of the joint image-text space (768 for ViT-L-14-336)."""
+        return self.visual.proj.shape[1]
+
+    def check_layers(self, layers) -> tuple:
+        """``layers`` as a tuple of increasing 1-indexed block numbers within the tower."""
+        layers = tuple(layers)
+        valid = all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers)
+        if not layers or not valid or list(layers) != sorted(set(layers)) or layers[0] < 1 or layers[-1] > self.depth:
+            raise ConfigError(
+                f"layers must be increasing block numbers between 1 and {self.depth} (the blocks of "
+                f"{self.clip_model}), got {layers}."
+            )
+        return layers
 
     def check_images(self, images: torch.Tensor) -> None:
         size = self.image_size
@@ -136,8 +168,9 @@ class VisualBackbone(nn.Module):
             )
 
     def forward(self, images: torch.Tensor, layers=None) -> VisualFeatures:
+        """Taps at ``layers`` (1-indexed blocks, increasing; default the config's) and the final CLS token."""
+        layers = self.layers if layers is None else self.check_layers(layers)
         self.check_images(images)
-        layers = self.layers if layers is None else tuple(layers)
         visual = self.visual
         x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -152,8 +185,19 @@ class VisualBackbone(nn.Module):
             if block_number in layers:
                 tapped = x_vv if x_vv is not None else x
                 taps.append(visual.ln_post(tapped[:, 1:]))
-        return VisualFeatures(torch.stack(taps, dim=1), visual.ln_post(x[:, 0]))
+        return VisualFeatures(torch.stack(taps, dim=1), x[:, 0].clone())  # a copy frees the final tokens
+
+    def global_token(self, cls_token: torch.Tensor, kind: str) -> torch.Tensor:
+        """The global feature before projection: the raw CLS token ("anomalyclip") or its ln_post ("open_clip")."""
+        return cls_token if kind == "anomalyclip" else self.visual.ln_post(cls_token)
+
+    def image_features(self, features: VisualFeatures, global_feature: str) -> ImageFeatures:
+        """Everything the trainable part reads, in the projection's dtype (``global_feature``: see the config)."""
+        dtype = self.visual.proj.dtype
+        tokens = features.patch_tokens.to(dtype)
+        global_token = self.global_token(features.cls_token.to(dtype), global_feature)
+        return ImageFeatures(tokens, global_token, self.project(tokens), self.project(global_token))
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Map ln_post tokens (..., Dx) into the joint space and L2-normalise (..., D_embed)."""
+        """Map tokens (..., Dx) into the joint space and L2-normalise (..., D)."""
         return F.normalize(tokens @ self.visual.proj.to(tokens.dtype), dim=-1)

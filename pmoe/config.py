@@ -3,9 +3,10 @@
 ``Config()`` is the paper's model and protocol. Every choice the paper leaves open is a field
 marked ``[decision]`` (see the README's "Reproduction decisions" table). Presets are named
 overrides: ``Config.preset("paper")``, one preset per ablation row of Tables 2-6 and Figure 7,
-and ``tiny`` (a random tiny CLIP for tests and the demo). An ablation preset can be applied on
-top of another base: ``Config.preset("table3-alpha0", base="tiny")``. ``Config.presets()``
-lists every name. Unknown keys are errors; a config round-trips through JSON.
+one per alternative reading of the paper (``global-open-clip``, ``vgmop-projected``), and
+``tiny`` (a random tiny CLIP for tests and the demo). An ablation preset can be applied on top
+of another base: ``Config.preset("table3-alpha0", base="tiny")``. ``Config.presets()`` lists
+every name. Unknown keys are errors; a config round-trips through JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class Config:
     vv_attention: bool = True  # [decision] V-V attention stream for the taps
     vv_start: int = 6  # [decision] first block of the V-V stream
     pos_embed_interp: str = "bilinear"  # [decision] resizing of the position grid (24 -> 37)
+    # [decision] f_g: "anomalyclip" = final CLS of the ordinary stream @ proj, without ln_post (as
+    # AnomalyCLIP computes it); "open_clip" = ln_post first (encode_image). Feeds p_g and VGMoP.
+    global_feature: str = "anomalyclip"
 
     # --- Prompts and VGMoP (spec 2-3) --------------------------------------------------------
     prompt_mode: str = "vgmop"  # "vgmop" | "static" | "ensemble" (Table 2)
@@ -50,11 +54,15 @@ class Config:
     class_name: str = "object"  # generic class word of the prompt
     use_class_names: bool = False  # put the real class name in the prompt instead
     text_truncation: bool = True  # run the text transformer only up to the last EOT (exact)
+    # [decision] VGMoP's visual tokens (Eq. 2): "pre_projection" = F_x^(l) (1024 wide) and the
+    # global token before proj; "projected" = the normalised 768-wide features of Eq. 6 and 7.
+    vgmop_input: str = "pre_projection"
 
     # --- Maps and score (spec 4) -------------------------------------------------------------
     tau: float = 0.07
     tau_global: float = 0.01  # tau'
-    layer_reduce: str = "mean"  # [decision] "mean" | "sum" (Eq. 6 sums)
+    layer_reduce: str = "mean"  # [decision] "mean" | "sum" (Eq. 6 sums; needs image_score="global")
+    image_score: str = "eq7"  # [decision] "eq7": s = (max(M) + p_g) / 2; "global": s = p_g (AnomalyCLIP)
     sigma: float = 4.0  # Gaussian smoothing at evaluation
 
     # --- Losses (spec 5) ---------------------------------------------------------------------
@@ -71,6 +79,9 @@ class Config:
     warmup_epochs: int = 3
     betas: tuple = (0.6, 0.999)
     seed: int = 111  # [decision]
+    # [decision] arithmetic of the trainable forward on CUDA: "fp32" (TF32 matmuls) or "bf16"
+    # autocast. The frozen image encoder runs in bf16 autocast on CUDA either way; CPUs: fp32.
+    train_precision: str = "fp32"
 
     def __post_init__(self):
         _validate(self)
@@ -165,6 +176,10 @@ CHOICES = {
     "layer_reduce": ("mean", "sum"),
     "seg_loss_on": ("per_layer", "combined"),
     "pos_embed_interp": ("bilinear", "bicubic"),
+    "global_feature": ("anomalyclip", "open_clip"),
+    "vgmop_input": ("pre_projection", "projected"),
+    "image_score": ("eq7", "global"),
+    "train_precision": ("fp32", "bf16"),
 }
 
 
@@ -180,6 +195,12 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"vv_start must be between 1 and the first tapped layer, got {config.vv_start}")
     if config.image_size < 14:
         raise ConfigError(f"image_size must be at least one patch, got {config.image_size}")
+    if config.layer_reduce == "sum" and config.image_score == "eq7":
+        raise ConfigError(
+            "layer_reduce='sum' cannot train with image_score='eq7': M then sums the L layers' probabilities, "
+            "so s = (max(M) + p_g) / 2 exceeds 1, where the BCE of L_cls is undefined and gives no gradient. "
+            "Use layer_reduce='mean' (the same map up to the factor L) or image_score='global' (s = p_g)."
+        )
 
 
 def _unknown(what: str, name: str, valid) -> str:
@@ -209,7 +230,8 @@ BASES = {
 }
 BASES["demo"] = {**BASES["tiny"], "epochs": 4}
 
-# Ablation presets: overrides laid over a base (Tables 2-6 and Figure 7).
+# Ablation presets: overrides laid over a base (Tables 2-6 and Figure 7), then the alternative
+# values of two reproduction decisions, so both readings can be trained and compared.
 ABLATIONS = {
     "table2-static": {"prompt_mode": "static", "alpha": 0.0, "beta": 0.0},
     "table2-ensemble": {"prompt_mode": "ensemble", "alpha": 0.0, "beta": 0.0},
@@ -230,6 +252,8 @@ ABLATIONS = {
     "table6-e16-k4": {"num_experts": 16, "top_k": 4},
     "table6-e16-k8": {"num_experts": 16, "top_k": 8},
     "fig7-no-decouple": {"beta": 0.0},
+    "global-open-clip": {"global_feature": "open_clip"},
+    "vgmop-projected": {"vgmop_input": "projected"},
 }
 
 PRESETS = {**BASES, **ABLATIONS}

@@ -56,7 +56,7 @@ from pmoe.errors import DataError
 from pmoe.io import atomic_path, write_text
 from pmoe.runtime import autocast, barrier
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # 2: the taps of stored_layers; the CLS row is the raw final token (before ln_post)
 ENCODER_FIELDS = ("clip_model", "quick_gelu", "image_size", "vv_attention", "vv_start", "pos_embed_interp")
 FINGERPRINT_MODULES = ("pmoe.backbone", "pmoe.data.images", "pmoe.data.loader", "pmoe.features")
 HASH_CHUNK = 1 << 20

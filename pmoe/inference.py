@@ -68,8 +68,9 @@ def forward_batch(model, batch: dict, device: torch.device) -> dict:
     """Score, anomaly map and routing of one batch, as float32 / int64 tensors on ``device``.
 
     The frozen encoder runs under bf16 autocast on CUDA (or the features come from the cache);
-    the prompts, maps and scores are computed in fp32, so that bf16 rounding cannot create
-    ties in the rankings the metrics are made of.
+    the prompts, maps and scores are computed in fp32 (TF32 matmuls on CUDA) whatever the
+    model's ``train_precision``, so that bf16 rounding cannot create ties in the rankings the
+    metrics are made of.
 
     ``batch`` holds ``image`` (B, 3, S, S) or cached features (``patch_tokens``, ``cls_token``),
     and ``cls`` (class names, used when the config puts them in the prompt). The routing keys

@@ -1,9 +1,10 @@
 """Training losses (spec 5, Eq. 4, 5 and 8).
 
-L_total = BCE(s, c) + L_seg + L_balance + L_decouple, where L_seg is Focal (gamma 2, over the
+L_total = BCE(s, c) + L_seg + L_balance + L_decouple (Eq. 8), where L_seg is Focal (gamma 2, over the
 [normal, abnormal] channels against the one-hot mask) + Dice(P_abnormal, m) + Dice(P_normal, 1-m),
 applied to each tapped layer's maps and summed (``seg_loss_on="per_layer"``), or to the
-combined map M (``"combined"``).
+combined map M (``"combined"``). With ``image_score="global"`` (s = p_g) the BCE is computed
+from p_g's logit, so it keeps its gradient where p_g rounds to 0 or 1 (tau' = 0.01 saturates).
 """
 
 from __future__ import annotations
@@ -63,18 +64,26 @@ def decouple_loss(pools, beta: float) -> torch.Tensor:
     return beta * total if total is not None else torch.zeros(())
 
 
+def classification_loss(outputs: dict, labels: torch.Tensor, image_score: str) -> torch.Tensor:
+    """L_cls = BCE(s, c): from p_g's logit when s = p_g, else on s kept inside (0, 1)."""
+    if image_score == "global":
+        logit = outputs["global_logit"]
+        return F.binary_cross_entropy_with_logits(logit, labels.to(logit.dtype))
+    score = outputs["score"].clamp(EPS, 1 - EPS)
+    return F.binary_cross_entropy(score, labels.to(score.dtype))
+
+
 def total_loss(outputs: dict, masks: torch.Tensor, labels: torch.Tensor, *, expert_pools, config) -> dict:
     """Every term of Eq. 8 (``loss`` is their sum): cls, focal, dice, seg, balance, decouple.
 
     ``masks``: (B, H, W) or (B, 1, H, W) in {0, 1}; ``labels``: (B,) in {0, 1}.
     """
     masks = masks.reshape(outputs["anomaly_map"].shape).to(outputs["layer_maps"].dtype)
-    score = outputs["score"].clamp(EPS, 1 - EPS)  # stays inside (0, 1) for layer_reduce="sum" too
-    terms = {"cls": F.binary_cross_entropy(score, labels.to(score.dtype))}
+    terms = {"cls": classification_loss(outputs, labels, config.image_score)}
     terms.update(segmentation_losses(outputs["layer_maps"], masks, config))
     terms["seg"] = terms["focal"] + terms["dice"]
     routing = outputs["routing"]
-    device = score.device
+    device = masks.device
     terms["balance"] = balance_loss(routing["probs"], config.alpha) if routing else torch.zeros((), device=device)
     terms["decouple"] = decouple_loss(expert_pools, config.beta).to(device)
     terms["loss"] = terms["cls"] + terms["seg"] + terms["balance"] + terms["decouple"]

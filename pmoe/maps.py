@@ -2,8 +2,10 @@
 
 Per layer: P^(l) = softmax(F_x^(l) . F_T^(l)^T / tau) over {normal, abnormal}, reshaped to the
 patch grid and bilinearly upsampled to the input size. M combines the layers' abnormal
-probabilities (mean by default). The image score is s = (max(M) + p_g) / 2 with
-p_g = softmax(f_g . F_T^(last)^T / tau')[abnormal].
+probabilities (mean by default). The image score is s = (max(M) + p_g) / 2 (Eq. 7) or p_g alone
+(``image_score="global"``), with p_g = softmax(f_g . F_T^(last)^T / tau')[abnormal], computed
+as the sigmoid of the difference of the two logits (the same value; BCE on that logit keeps
+its gradient where p_g rounds to 0 or 1).
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ def combine_layers(layer_maps: torch.Tensor, reduce: str) -> torch.Tensor:
     return abnormal.mean(dim=1) if reduce == "mean" else abnormal.sum(dim=1)
 
 
-def global_probability(global_feature: torch.Tensor, text: torch.Tensor, tau_global: float) -> torch.Tensor:
-    """p_g (B,): abnormal probability of the global feature (B, D) against prompts (B, 2, D)."""
+def global_logit(global_feature: torch.Tensor, text: torch.Tensor, tau_global: float) -> torch.Tensor:
+    """Logit of p_g (B,): (f_g . t_abnormal - f_g . t_normal) / tau' for f_g (B, D) and prompts (B, 2, D)."""
     logits = torch.einsum("bd,bsd->bs", global_feature, text) / tau_global
-    return logits.softmax(dim=-1)[:, 1]
+    return logits[:, 1] - logits[:, 0]
 
 
-def image_score(anomaly_map: torch.Tensor, global_prob: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: s = (max(M) + p_g) / 2."""
+def image_score(anomaly_map: torch.Tensor, global_prob: torch.Tensor, mode: str) -> torch.Tensor:
+    """s (B,): Eq. 7, (max(M) + p_g) / 2, for ``mode="eq7"``; p_g for ``"global"``."""
+    if mode == "global":
+        return global_prob
     return (anomaly_map.flatten(1).amax(dim=1) + global_prob) / 2
 
 

@@ -1,7 +1,8 @@
 """Devices, precision, seeding and torchrun process groups.
 
-CUDA: bf16 autocast and TF32 matrix multiplies; CPU: plain fp32. Under ``torchrun`` the
-process group is initialised from the environment (NCCL on GPUs, gloo on CPUs).
+CUDA: TF32 matrix multiplies, and bf16 autocast where a caller asks for it (the frozen image
+encoder always; the trainable forward with ``train_precision="bf16"``); CPU: plain fp32. Under
+``torchrun`` the process group is initialised from the environment (NCCL on GPUs, gloo on CPUs).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from pmoe.config import CHOICES
+from pmoe.errors import ConfigError
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -32,9 +36,15 @@ def configure_backend(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context on the CPU."""
-    if device.type == "cuda":
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA for ``precision="bf16"`` (the frozen encoder's); else a no-op (fp32).
+
+    The trainable forward passes its config's ``train_precision`` (fp32 by default). CPUs always
+    compute in fp32.
+    """
+    if precision not in CHOICES["train_precision"]:
+        raise ConfigError(f"precision must be one of {CHOICES['train_precision']}, got {precision!r}")
+    if precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

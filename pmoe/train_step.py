@@ -3,7 +3,8 @@
 :class:`TrainStep` is the module DistributedDataParallel wraps under torchrun; with one
 process it is simply the forward pass plus ``pmoe.losses.total_loss``. Its ``objective`` is
 what each process back-propagates; see the class docstring for why W processes with shards
-of a global batch then get the gradient of one process with the whole batch.
+of a global batch then get the gradient of one process with the whole batch. The forward runs
+in ``config.train_precision`` (fp32 by default; bf16 autocast on CUDA on request).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class TrainStep(nn.Module):
 
     def forward(self, features, masks, labels, class_names, sizes: list, rank: int):
         model, world, real = self.model, len(sizes), sizes[rank]
-        with autocast(masks.device):
+        with autocast(masks.device, model.config.train_precision):
             outputs = model.forward_features(features, class_names)
         outputs = to_float(outputs)
         routing = outputs["routing"]
@@ -51,7 +52,7 @@ class TrainStep(nn.Module):
 
 
 def to_float(outputs: dict) -> dict:
-    """Model outputs in fp32 (the losses are computed outside autocast)."""
+    """Model outputs in fp32 (the losses are computed outside autocast, under bf16 too)."""
     def cast(value):
         if isinstance(value, dict):
             return {key: cast(item) for key, item in value.items()}

@@ -19,6 +19,31 @@ def test_defaults_are_appendix_a():
     assert Config.preset("paper") == c
 
 
+def test_decision_defaults_follow_anomalyclip_and_fp32():
+    c = Config()
+    assert (c.global_feature, c.vgmop_input, c.image_score, c.train_precision, c.layer_reduce) == (
+        "anomalyclip", "pre_projection", "eq7", "fp32", "mean")
+
+
+def test_the_alternative_readings_are_presets_over_any_base():
+    for base in ("paper", "tiny"):
+        assert Config.preset("global-open-clip", base=base) == Config.preset(base).replace(global_feature="open_clip")
+        assert Config.preset("vgmop-projected", base=base) == Config.preset(base).replace(vgmop_input="projected")
+
+
+def test_a_layer_sum_is_refused_with_eq7_and_accepted_with_the_global_score():
+    with pytest.raises(ConfigError, match="'sum' cannot train with image_score='eq7'.*image_score='global'"):
+        Config().replace(layer_reduce="sum")
+    assert Config().replace(layer_reduce="sum", image_score="global").layer_reduce == "sum"
+
+
+@pytest.mark.parametrize("key, value", [("global_feature", "clip"), ("vgmop_input", "raw"),
+                                        ("image_score", "max"), ("train_precision", "fp16")])
+def test_unknown_values_of_the_new_fields_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be one of"):
+        Config().replace(**{key: value})
+
+
 @pytest.mark.parametrize("name", Config.presets())
 def test_every_preset_round_trips_through_json(name):
     config = Config.preset(name)

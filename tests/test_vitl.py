@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import pmoe
+from pmoe.backbone import load_clip
 from pmoe.cli import main
+from reference_model import trainable_parameters
 
 PAPER = pmoe.Config.preset("paper").replace(clip_weights="random")
 
@@ -12,8 +14,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def vitl():
-    return pmoe.build_model(PAPER).eval()
+def clip():
+    return load_clip(PAPER)
+
+
+@pytest.fixture(scope="module")
+def vitl(clip):
+    return pmoe.PromptMoE(PAPER, clip).eval()
 
 
 def test_518_input_gives_37x37_grids_and_518_maps(vitl):
@@ -45,11 +52,23 @@ def test_truncated_text_encoding_equals_full_77_tokens(vitl):
     assert torch.allclose(truncated, untruncated, atol=1e-5)
 
 
-def test_only_vgmop_and_context_train_and_describe_prints_counts(vitl, capsys):
+def test_only_the_prompt_learner_trains_and_describe_prints_counts(vitl, capsys):
     trainable = {name for name, p in vitl.named_parameters() if p.requires_grad}
-    assert all(name.startswith(("vgmop.", "context")) for name in trainable)
+    assert all(name.startswith(("prompt_learner.vgmop.", "prompt_learner.context")) for name in trainable)
     counts = vitl.parameter_counts()
     assert counts["clip_frozen"] > 400_000_000
     assert main(["describe", "--preset", "paper"]) == 0
     printed = capsys.readouterr().out
     assert f"{counts['trainable']:,d}" in printed and f"{counts['clip_frozen']:,d}" in printed
+
+
+@pytest.mark.parametrize("vgmop_input, token_width, pinned", [("pre_projection", 1024, 14_499_904),
+                                                              ("projected", 768, 11_354_176)])
+def test_trainable_parameter_count_of_the_paper_preset(clip, vgmop_input, token_width, pinned):
+    """VGMoP's keys and values read 1024-wide tokens before the projection, or the 768-wide projected ones."""
+    config = PAPER.replace(vgmop_input=vgmop_input)
+    expected = trainable_parameters(config, token_width=token_width, text_width=768)
+    assert expected == pinned
+    counts = pmoe.PromptMoE(config, clip).parameter_counts()
+    assert counts["trainable"] == expected
+    assert counts["context"] == config.ctx_len * 768
