@@ -17,7 +17,7 @@ Writes, atomically, under ``out_dir``:
                   every image, tapped layer and pool (header only for the static baselines)
     overlays/<cls>/{top,bottom}NN_s<score>_<image>.png   with ``overlays=N``
     evaluation.json   settings, provenance and the reuse key (:func:`evaluation_key`); written
-                      last and removed when a new evaluation starts, so it marks a complete folder
+                      last and removed before any output changes, so it marks a complete folder
 
 Which metrics a dataset gets follows its kind (image, pixel or both). Maps are evaluated at
 the config's image size, Gaussian-smoothed (eval mode). Only one class's maps are in memory at
@@ -82,8 +82,6 @@ def evaluate(run_dir_or_model, dataset: str, data_root, out_dir, *, manifest=Non
                          classes, pro_mode, overlays)
     device = prepare_device(model, device)
     rank, world = init_distributed(device)
-    if rank == 0:
-        (Path(out_dir) / SETTINGS).unlink(missing_ok=True)  # the folder is complete again only at the end
     task = Task(model=model, info=info, root=Path(data_root).expanduser(), device=device,
                 cache=FeatureCache(cache_dir, model.config), batch_size=batch_size, num_workers=num_workers,
                 rank=rank, world=world, progress=progress and rank == 0)
@@ -300,6 +298,7 @@ class Task:
             return None
         metrics = self.metrics(frame, outputs, pro_mode)
         if overlays:
+            invalidate(out_dir)
             self.write_overlays(frame, data, outputs["score"].cpu().numpy(), overlays, out_dir / "overlays" / cls)
         records = {key: value.cpu() for key, value in outputs.items() if key not in ("anomaly_map", "mask")}
         return ClassResult(cls, frame, metrics, records)
@@ -435,11 +434,17 @@ def _write_outputs(results: list, run: str, dataset: str, out_dir: Path, config)
     """Write metrics.csv, scores.csv and routing.csv; returns the metrics frame."""
     from pmoe.io import write_csv
 
+    invalidate(out_dir)
     metrics = metrics_frame(results, run, dataset)
     write_csv(scores_frame(results, dataset), out_dir / "scores.csv")
     write_csv(routing_frame(results, dataset, config), out_dir / "routing.csv")
     write_csv(metrics, out_dir / "metrics.csv", na_rep="NaN")
     return metrics
+
+
+def invalidate(out_dir: Path) -> None:
+    """Remove evaluation.json before outputs change: the folder is complete again only when it returns."""
+    (Path(out_dir) / SETTINGS).unlink(missing_ok=True)
 
 
 def _write_settings(out_dir: Path, run, key: dict, data_root, manifest, classes, train_set) -> None:
