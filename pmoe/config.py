@@ -72,6 +72,9 @@ class Config:
     betas: tuple = (0.6, 0.999)
     seed: int = 111  # [decision]
 
+    # --- Data (spec 6) -----------------------------------------------------------------------
+    mask_rule: str = "nonzero"  # [decision] "nonzero" (the reference) | "jpeg_above_127" (JPEG masks)
+
     def __post_init__(self):
         _validate(self)
 
@@ -165,6 +168,7 @@ CHOICES = {
     "layer_reduce": ("mean", "sum"),
     "seg_loss_on": ("per_layer", "combined"),
     "pos_embed_interp": ("bilinear", "bicubic"),
+    "mask_rule": ("nonzero", "jpeg_above_127"),
 }
 
 

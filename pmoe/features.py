@@ -42,7 +42,7 @@ from pmoe.errors import DataError
 from pmoe.io import atomic_path, write_text
 from pmoe.runtime import autocast, barrier
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images resized in their own mode before the RGB conversion
 KEY_FIELDS = ("clip_model", "quick_gelu", "image_size", "layers", "vv_attention", "vv_start", "pos_embed_interp")
 HASH_CHUNK = 1 << 20
 

@@ -142,7 +142,8 @@ def feature_dataset(cache, model, name, root, manifest, device, num_workers, pro
     if root is None:
         raise ConfigError(f"dataset {name!r} needs its root folder (--data-root / --val-root)")
     frame = read_manifest(manifest) if manifest is not None else build_manifest(name, root)
-    dataset = AnomalyDataset(frame, root, model.config.image_size, return_mask=masks)
+    dataset = AnomalyDataset(frame, root, model.config.image_size, return_mask=masks,
+                             mask_rule=model.config.mask_rule)
     return cache.features(model, dataset, model.config.batch_size, device, progress, num_workers)
 
 
