@@ -98,7 +98,8 @@ def main(argv=None) -> int:
         scratch = Path(scratch)
         root = write_dataset("synthetic-a", scratch / "data", n_normal=args.images // 2,
                              n_anomalous=args.images - args.images // 2, image_size=256)
-        dataset = AnomalyDataset(build_manifest("synthetic-a", root), root, config.image_size)
+        dataset = AnomalyDataset(build_manifest("synthetic-a", root), root, config.image_size,
+                                 mask_rule=config.mask_rule)
         cache = FeatureCache(scratch / "cache", config)
         print(f"{config.clip_model} at {config.image_size} px on {device}: {len(dataset)} images, "
               f"batch {config.batch_size}, {-(-len(dataset) // config.batch_size)} steps per epoch")

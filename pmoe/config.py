@@ -83,6 +83,9 @@ class Config:
     # autocast. The frozen image encoder runs in bf16 autocast on CUDA either way; CPUs: fp32.
     train_precision: str = "fp32"
 
+    # --- Data (spec 6) -----------------------------------------------------------------------
+    mask_rule: str = "nonzero"  # [decision] "nonzero" (the reference) | "jpeg_above_127" (JPEG masks)
+
     def __post_init__(self):
         _validate(self)
 
@@ -180,6 +183,7 @@ CHOICES = {
     "vgmop_input": ("pre_projection", "projected"),
     "image_score": ("eq7", "global"),
     "train_precision": ("fp32", "bf16"),
+    "mask_rule": ("nonzero", "jpeg_above_127"),
 }
 
 

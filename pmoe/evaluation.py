@@ -288,7 +288,8 @@ class Task:
         from pmoe.data import AnomalyDataset
 
         cls = frame["cls"].iloc[0]
-        dataset = AnomalyDataset(frame, self.root, self.model.config.image_size, return_mask=self.keep_maps)
+        dataset = AnomalyDataset(frame, self.root, self.model.config.image_size, return_mask=self.keep_maps,
+                                 mask_rule=self.model.config.mask_rule)
         data = self.cache.features(self.model, dataset, self.batch_size, self.device, self.progress,
                                    self.num_workers)
         shard = shard_indices(len(data), self.batch_size, self.rank, self.world)

@@ -276,7 +276,7 @@ def qualitative_samples(preset: str, datasets, data_root, out_dir, clip_weights=
         root = dataset_root(data_root, name)
         manifest = build_manifest(name, root)
         rows = manifest[pd.Series(image_ids(manifest)).isin(top["image"]).to_numpy()].reset_index(drop=True)
-        dataset = AnomalyDataset(rows, root, model.config.image_size)
+        dataset = AnomalyDataset(rows, root, model.config.image_size, mask_rule=model.config.mask_rule)
         result = predict(model, [dataset[i] for i in range(len(dataset))], with_images=True)
         picked["images"] += list(result["image"])
         picked["masks"] += list(result["mask"])

@@ -158,7 +158,8 @@ def feature_dataset(cache, model, frame, root, device, num_workers, progress, ma
     """The (cached) feature dataset of every sample of the manifest ``frame`` under ``root``."""
     from pmoe.data import AnomalyDataset
 
-    dataset = AnomalyDataset(frame, root, model.config.image_size, return_mask=masks)
+    dataset = AnomalyDataset(frame, root, model.config.image_size, return_mask=masks,
+                             mask_rule=model.config.mask_rule)
     return cache.features(model, dataset, model.config.batch_size, device, progress, num_workers)
 
 
@@ -197,7 +198,8 @@ class Trainer:
                 save_state(run_dir, {"epoch": epoch, "step": step}, self.model, self.optimizer, log)
                 log.write(run_dir)
                 if progress:
-                    tqdm.write(f"epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}, val image AUROC {auroc:.4f}")
+                    validated = f", val image AUROC {auroc:.4f}" if validation else ""
+                    tqdm.write(f"epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}{validated}")
             barrier()
         if self.main:
             save_weights(self.model, run_dir / WEIGHTS)
@@ -268,29 +270,47 @@ class Trainer:
 
 @torch.no_grad()
 def validation_auroc(model, data, device, batch_size: int) -> float:
-    """Image AUROC of the model's scores on ``data`` (split across processes), NaN if undefined."""
-    from pmoe.metrics import UndefinedMetricError, image_auroc
+    """Figure 7's I-AUROC: the model's image AUROC on ``data`` per class, averaged over classes.
 
+    Scored split across processes; see :func:`mean_class_image_auroc` for the average.
+    """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(data), world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch_size)
     model.eval()
-    scores = []
+    scores, classes = [], []
     for batch in loader:
         class_names = list(batch["cls"]) if model.config.use_class_names else None
-        with autocast(device):
+        with autocast(device, model.config.train_precision):
             outputs = model.forward_features(visual_features(model, batch, device), class_names)
         scores.extend(outputs["score"].float().cpu().tolist())
+        classes.extend(batch["cls"])
     model.train()
     parts = [None] * world
     if world > 1:
-        dist.all_gather_object(parts, (indices, scores))
+        dist.all_gather_object(parts, (indices, scores, classes))
     else:
-        parts = [(indices, scores)]
-    ordered = np.empty(len(data))
-    for part_indices, part_scores in parts:
-        ordered[part_indices] = part_scores
-    try:
-        return image_auroc(data.labels, ordered)
-    except UndefinedMetricError:
-        return math.nan
+        parts = [(indices, scores, classes)]
+    ordered_scores, ordered_classes = np.empty(len(data)), np.empty(len(data), dtype=object)
+    for part_indices, part_scores, part_classes in parts:
+        ordered_scores[part_indices] = part_scores
+        ordered_classes[part_indices] = part_classes
+    return mean_class_image_auroc(data.labels, ordered_scores, ordered_classes)
+
+
+def mean_class_image_auroc(labels, scores, classes) -> float:
+    """The unweighted mean over classes of each class's image AUROC (as every table reports).
+
+    Classes where it is undefined (one label only) are skipped; NaN when no class has it.
+    """
+    from pmoe.metrics import UndefinedMetricError, image_auroc
+
+    labels, scores, classes = np.asarray(labels), np.asarray(scores), np.asarray(classes)
+    values = []
+    for cls in dict.fromkeys(classes.tolist()):
+        chosen = classes == cls
+        try:
+            values.append(image_auroc(labels[chosen], scores[chosen]))
+        except UndefinedMetricError:
+            continue
+    return float(np.mean(values)) if values else math.nan

@@ -45,6 +45,17 @@ def test_default_output_and_bad_name(tmp_path, capsys, monkeypatch):
     assert "valid names" in capsys.readouterr().err
 
 
+def test_raw_kolektorsdd_manifest_warns_it_is_not_comparable_with_table1(tmp_path, capsys):
+    raw = write_twin("sdd", tmp_path / "raw").root
+    assert main(["manifest", "sdd", "--root", str(raw), "--out", str(tmp_path / "raw.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "warning: SDD at" in text and "NOT comparable with Table 1" in text
+    assert "electrical commutators/test/" in text and "24 normal and 3 anomalous bands here; Table 7: 181 and 74" in text
+    converted = write_twin("sdd", tmp_path / "converted", "converted").root
+    assert main(["manifest", "sdd", "--root", str(converted), "--out", str(tmp_path / "converted.csv")]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_synthesize_then_manifest(tmp_path, capsys):
     root = tmp_path / "b"
     argv = ["synthesize", "synthetic-b", "--root", str(root), "--seed", "2", "--image-size", "48",

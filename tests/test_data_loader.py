@@ -2,6 +2,7 @@
 
 import io
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -10,21 +11,38 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from pmoe import Config
 from pmoe.data import (CLIP_MEAN, CLIP_STD, AnomalyDataset, DataWarning, build_manifest, load_image,
                        load_mask)
 from pmoe.data.images import mask_array
+from pmoe.data.loader import image_tensor
 from pmoe.data.twins import write_twin
-from pmoe.errors import DataError
+from pmoe.errors import ConfigError, DataError
+from pmoe.features import FeatureCache
+from pmoe.training import feature_dataset
 
 SIZE = 64
 
 
-def reference_image(rgb: Image.Image, size: int) -> torch.Tensor:
-    """The protocol written with torchvision, for an image already in 8-bit RGB."""
+def reference_image(image: Image.Image, size: int) -> torch.Tensor:
+    """The reference's preprocessing written with torchvision: bicubic resize of the image as
+    decoded (its own mode), then conversion to RGB, ToTensor, CLIP normalisation."""
     return transforms.Compose([
         transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Lambda(lambda resized: resized.convert("RGB")),
         transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])(rgb)
+    ])(image)
+
+
+def eight_bit(tensor: torch.Tensor) -> np.ndarray:
+    """A preprocessed (3, S, S) tensor back to 8-bit RGB values (S, S, 3)."""
+    unnormalised = tensor * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    return np.rint(unnormalised.permute(1, 2, 0).numpy() * 255).astype(np.int64)
+
+
+def grey(rgb: np.ndarray) -> np.ndarray:
+    """8-bit grey of RGB values by hand: ITU-R 601-2 luma (PIL's "L"), rounded."""
+    return np.floor(rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114 + 0.5)
 
 
 def reference_mask(binary: np.ndarray, size: int) -> torch.Tensor:
@@ -48,41 +66,83 @@ def test_rgb_matches_torchvision_reference(tmp_path):
     path = save(noise((40, 30, 3)), tmp_path / "rgb.png")
     tensor = load_image(path, SIZE)
     assert tensor.shape == (3, SIZE, SIZE) and tensor.dtype == torch.float32
-    torch.testing.assert_close(tensor, reference_image(Image.open(path).convert("RGB"), SIZE), atol=1e-6, rtol=0)
+    torch.testing.assert_close(tensor, reference_image(Image.open(path), SIZE), atol=1e-6, rtol=0)
 
 
 def test_greyscale_is_replicated(tmp_path):
     path = save(noise((20, 20)), tmp_path / "grey.png")
-    tensor = load_image(path, SIZE)
-    unnormalised = tensor * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    torch.testing.assert_close(unnormalised[0], unnormalised[1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(tensor, reference_image(Image.open(path).convert("RGB"), SIZE), atol=1e-6, rtol=0)
+    pixels = eight_bit(load_image(path, SIZE))
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all()
+    torch.testing.assert_close(load_image(path, SIZE), reference_image(Image.open(path), SIZE), atol=1e-6, rtol=0)
 
 
-def test_rgba_drops_alpha(tmp_path):
-    rgba = noise((20, 20, 4))
-    rgba[:10, :, 3] = 0
-    path = save(Image.fromarray(rgba, "RGBA"), tmp_path / "rgba.png")
-    expected = reference_image(Image.fromarray(rgba[..., :3]), SIZE)
-    torch.testing.assert_close(load_image(path, SIZE), expected, atol=1e-6, rtol=0)
+@pytest.mark.parametrize("mode,suffix", [("L", ".png"), ("LA", ".png"), ("RGBA", ".png"), ("P", ".png"),
+                                         ("1", ".png"), ("CMYK", ".jpg"), ("RGB", ".bmp")])
+def test_images_are_resized_in_their_own_mode_then_converted_as_the_reference(tmp_path, mode, suffix):
+    rgba = noise((23, 17, 4), seed=3)
+    rgba[:, :8, 3] = 0
+    source = Image.fromarray(rgba, "RGBA") if mode in ("LA", "RGBA") else Image.fromarray(rgba[..., :3])
+    path = save(source.convert(mode), tmp_path / f"image{suffix}")
+    assert Image.open(path).mode == mode
+    torch.testing.assert_close(load_image(path, SIZE), reference_image(Image.open(path), SIZE), atol=1e-6, rtol=0)
 
 
-def test_palette_is_expanded(tmp_path):
+def test_rgba_is_resized_with_premultiplied_alpha_then_alpha_dropped(tmp_path):
+    """Hand values: transparent red beside opaque blue. Resized with premultiplied alpha, the red
+    never bleeds into the result and the fully transparent part is black (converting first
+    would keep it red)."""
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :16] = (255, 0, 0, 0)
+    rgba[:, 16:] = (0, 0, 255, 255)
+    pixels = eight_bit(load_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "rgba.png"), SIZE))
+    assert (pixels[..., 0] == 0).all() and (pixels[..., 1] == 0).all()
+    assert (pixels[:, :SIZE // 2 - 4] == 0).all() and (pixels[:, SIZE // 2 + 4:, 2] == 255).all()
+
+
+def test_palette_images_are_resized_by_nearest_neighbour(tmp_path):
+    """PIL resizes palette images by nearest neighbour, so every pixel keeps a palette colour."""
     palette_image = Image.fromarray(noise((20, 20, 3))).quantize(colors=16)
     path = save(palette_image, tmp_path / "palette.png")
     assert Image.open(path).mode == "P"
-    expected = reference_image(palette_image.convert("RGB"), SIZE)
-    torch.testing.assert_close(load_image(path, SIZE), expected, atol=1e-6, rtol=0)
+    colours = {tuple(colour) for colour in np.asarray(palette_image.convert("RGB")).reshape(-1, 3)}
+    pixels = eight_bit(load_image(path, SIZE)).reshape(-1, 3)
+    assert {tuple(pixel) for pixel in pixels} <= colours
+    converted_first = reference_image(palette_image.convert("RGB"), SIZE)
+    assert not torch.allclose(load_image(path, SIZE), converted_first, atol=1e-3)
 
 
-def test_16bit_png_is_scaled_to_8bit(tmp_path):
-    values = noise((20, 20), high=65536, dtype=np.uint16)
+def _sixteen_bit():
+    values = noise((20, 30), high=65536, dtype=np.uint16)
     values[0, 0], values[0, 1] = 0, 65535
+    return values
+
+
+def _hand_sixteen_bit(values: np.ndarray) -> np.ndarray:
+    """Float resize of the 16-bit values, then /257 rounded and clipped: 8-bit (S, S)."""
+    resized = np.asarray(Image.fromarray(values.astype(np.float32)).resize((SIZE, SIZE), Image.BICUBIC))
+    return np.clip(np.rint(resized / 257.0), 0, 255)
+
+
+def test_16bit_png_is_resized_then_scaled_to_8bit(tmp_path):
+    values = _sixteen_bit()
     path = save(values, tmp_path / "deep.png")
-    assert Image.open(path).mode.startswith("I")
-    eight_bit = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-    expected = reference_image(Image.fromarray(eight_bit).convert("RGB"), SIZE)
-    torch.testing.assert_close(load_image(path, SIZE), expected, atol=1e-6, rtol=0)
+    assert Image.open(path).mode == "I;16"
+    pixels = eight_bit(load_image(path, SIZE))
+    assert (pixels[..., 0] == pixels[..., 2]).all()
+    assert np.abs(pixels[..., 0] - _hand_sixteen_bit(values)).max() <= 1  # integer vs float resize
+
+
+def test_big_endian_16bit_images_equal_little_endian_ones():
+    values = _sixteen_bit()
+    big = Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes())
+    little = Image.frombytes("I;16", values.shape[::-1], values.astype("<u2").tobytes())
+    torch.testing.assert_close(image_tensor(big, SIZE), image_tensor(little, SIZE), atol=0, rtol=0)
+
+
+def test_pa_images_are_resized_as_rgba():
+    palette_alpha = Image.fromarray(noise((20, 20, 4)), "RGBA").convert("PA")
+    expected = reference_image(palette_alpha.convert("RGBA"), SIZE)
+    torch.testing.assert_close(image_tensor(palette_alpha, SIZE), expected, atol=1e-6, rtol=0)
 
 
 def test_truncated_and_missing_files_raise_naming_the_file(tmp_path):
@@ -113,11 +173,53 @@ def test_any_nonzero_mask_pixel_is_anomalous(tmp_path, mode):
     torch.testing.assert_close(load_mask(path, SIZE), reference_mask(values > 0, SIZE))
 
 
-def test_jpeg_masks_are_thresholded_at_half(real_fixtures):
+def test_colour_masks_are_judged_on_their_grey_value(tmp_path):
+    """As the reference (convert("L") > 0): a faint blue pixel (0, 0, 1) has grey 0."""
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[0, 0], rgb[1, 1], rgb[2, 2] = (0, 0, 1), (0, 0, 5), (2, 0, 0)
+    expected = grey(rgb.astype(np.int64)) > 0
+    assert expected.sum() == 2 and not expected[0, 0]
+    np.testing.assert_array_equal(mask_array(Image.open(save(rgb, tmp_path / "colour.png"))), expected)
+
+
+KVASIR_RULES = {"nonzero": 0, "jpeg_above_127": 127}
+
+
+@pytest.mark.parametrize("rule,threshold", KVASIR_RULES.items())
+def test_real_jpeg_masks_under_each_rule(real_fixtures, rule, threshold):
+    """Kvasir-SEG's JPEG masks: grey (by hand) > 0 by default, > 127 with the JPEG rule."""
     for path in sorted((real_fixtures / "Kvasir-SEG" / "masks").glob("*.jpg")):
-        raw = np.asarray(Image.open(path)).max(axis=2)
-        assert ((raw > 0) & (raw < 128)).any(), "fixture should carry compression noise"
-        np.testing.assert_array_equal(mask_array(Image.open(path)), raw > 127)
+        values = grey(np.asarray(Image.open(path)).astype(np.int64))
+        assert ((values > 0) & (values < 128)).any(), "fixture should carry compression noise"
+        np.testing.assert_array_equal(mask_array(Image.open(path), rule), values > threshold)
+        torch.testing.assert_close(load_mask(path, SIZE, mask_rule=rule), reference_mask(values > threshold, SIZE))
+
+
+def test_the_jpeg_rule_leaves_png_masks_alone(tmp_path):
+    values = np.zeros((30, 20), dtype=np.uint8)
+    values[5:15, 4:12] = 1
+    path = save(values, tmp_path / "mask.png")
+    for rule in KVASIR_RULES:
+        torch.testing.assert_close(load_mask(path, SIZE, mask_rule=rule), reference_mask(values > 0, SIZE))
+
+
+def test_dataset_masks_follow_the_mask_rule(real_fixtures):
+    root = real_fixtures / "Kvasir-SEG"
+    frame = build_manifest("kvasir", root)
+    nonzero, jpeg = (AnomalyDataset(frame, root, SIZE, mask_rule=rule)[0]["mask"] for rule in KVASIR_RULES)
+    assert jpeg.sum() < nonzero.sum() and (jpeg <= nonzero).all()
+    with pytest.raises(ConfigError, match="unknown mask rule 'above_0'.*jpeg_above_127"):
+        AnomalyDataset(frame, root, SIZE, mask_rule="above_0")
+    with pytest.raises(ConfigError, match="mask_rule"):
+        Config(mask_rule="above_0")
+    assert Config().mask_rule == "nonzero"
+
+
+def test_a_models_training_data_uses_its_mask_rule(real_fixtures):
+    model = SimpleNamespace(config=Config.preset("tiny").replace(mask_rule="jpeg_above_127"))
+    dataset = feature_dataset(FeatureCache(None, model.config), model, "kvasir", real_fixtures / "Kvasir-SEG",
+                              None, "cpu", 0, False)
+    assert dataset.mask_rule == "jpeg_above_127"
 
 
 def test_mask_size_mismatch_is_an_error_unless_allowed(tmp_path):
@@ -150,12 +252,12 @@ def test_dataset_items_and_return_mask_switch(tmp_path):
 
 def test_sdd_crop_cuts_image_and_mask_bands(tmp_path):
     root = write_twin("sdd", tmp_path / "sdd").root
-    frame = build_manifest("sdd", root)
+    with pytest.warns(DataWarning, match="NOT comparable with Table 1"):
+        frame = build_manifest("sdd", root)
     dataset = AnomalyDataset(frame, root, image_size=SIZE)
     row = int(np.flatnonzero((frame["image"] == "kos02/Part0.jpg") & (frame["crop"] == "1/3"))[0])
     item = dataset[row]
-    whole = Image.open(root / "kos02/Part0.jpg")
-    band = whole.convert("RGB").crop((0, 10, 12, 20))
+    band = Image.open(root / "kos02/Part0.jpg").crop((0, 10, 12, 20))
     torch.testing.assert_close(item["image"], reference_image(band, SIZE), atol=1e-6, rtol=0)
     label = np.asarray(Image.open(root / "kos02/Part0_label.bmp"))[10:20] > 0
     torch.testing.assert_close(item["mask"], reference_mask(label, SIZE))

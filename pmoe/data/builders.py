@@ -19,6 +19,11 @@ from pmoe.data.registry import DatasetInfo
 from pmoe.errors import DataError
 
 SDD_CROPS = 3
+RAW_SDD_WARNING = ("raw KolektorSDD tree: every band of every part is a sample, nearly all of them "
+                   "normal, so metrics computed on this manifest are NOT comparable with Table 1 (nor "
+                   "its counts with Table 7). Table 1 and Table 7 use the converted MVTec-style SDD "
+                   "tree distributed with AnomalyCLIP (electrical commutators/test/{good,<defect>}, "
+                   "ground_truth/<defect>): pass that folder as the root")
 KOS_PATTERN = re.compile(r"kos\d+", re.IGNORECASE)
 
 
@@ -150,6 +155,9 @@ def _sdd(root: Path, info: DatasetInfo, findings: Findings) -> list:
         for image in images:
             if image in pairs:
                 rows += _sdd_crops(image, pairs[image], info.classes[0], root)
+    anomalous = sum(row.label for row in rows)
+    findings.warn(RAW_SDD_WARNING, [f"{len(rows) - anomalous} normal and {anomalous} anomalous bands "
+                                    f"here; Table 7: {info.normal} and {info.anomalous}"])
     return rows
 
 

@@ -1,9 +1,10 @@
 """Model inputs preprocessed as the protocol does (spec section 6), and the test dataset.
 
-Images: decoded to 8-bit RGB (:mod:`pmoe.data.images`), cropped if the manifest says so,
-bicubic resize to S x S (aspect not kept), CLIP mean/std normalisation. Masks: decoded to a
-boolean channel (:mod:`pmoe.data.images`), cropped like their image, bilinear resize to
-S x S, then ``> 0.5``.
+Images: cropped if the manifest says so, bicubic resize to S x S (aspect not kept) in the
+image's own mode, then 8-bit RGB (:mod:`pmoe.data.images`), CLIP mean/std normalisation.
+Masks: decoded to a boolean channel under a mask rule (:mod:`pmoe.data.images`; a model's
+data uses ``model.config.mask_rule``), cropped like their image, bilinear resize to S x S,
+then ``> 0.5``.
 
 Usage::
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pmoe.data.images import crop_box, mask_array, open_image, to_rgb
+from pmoe.data.images import check_mask_rule, crop_box, mask_array, open_image, resize, to_rgb
 from pmoe.data.manifest import read_manifest
 from pmoe.errors import DataError
 
@@ -33,17 +34,18 @@ def _cropped(image: Image.Image, crop: str) -> Image.Image:
 
 
 def image_tensor(image: Image.Image, image_size: int, crop: str = "") -> torch.Tensor:
-    """(3, S, S) float32 CLIP-normalised tensor of a decoded image (bicubic resize)."""
-    rgb = _cropped(to_rgb(image), crop).resize((image_size, image_size), Image.BICUBIC)
+    """(3, S, S) float32 CLIP-normalised tensor of a decoded image (resized, then RGB)."""
+    rgb = to_rgb(resize(_cropped(image, crop), image_size))
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (pixels - mean) / std
 
 
-def mask_tensor(image: Image.Image, image_size: int, crop: str = "") -> torch.Tensor:
+def mask_tensor(image: Image.Image, image_size: int, crop: str = "",
+                mask_rule: str = "nonzero") -> torch.Tensor:
     """(1, S, S) float32 {0,1} tensor of a decoded mask (bilinear resize, then > 0.5)."""
-    binary = Image.fromarray(mask_array(image).astype(np.uint8) * 255)
+    binary = Image.fromarray(mask_array(image, mask_rule).astype(np.uint8) * 255)
     resized = _cropped(binary, crop).resize((image_size, image_size), Image.BILINEAR)
     values = np.asarray(resized, dtype=np.float32) / 255.0
     return torch.from_numpy((values > 0.5).astype(np.float32))[None]
@@ -55,8 +57,8 @@ def load_image(path, image_size: int = 518, crop: str = "") -> torch.Tensor:
 
 
 def load_mask(path, image_size: int = 518, crop: str = "", image_shape=None,
-              allow_mask_resize: bool = False) -> torch.Tensor:
-    """Read a mask file: (1, S, S) float32 in {0,1}.
+              allow_mask_resize: bool = False, mask_rule: str = "nonzero") -> torch.Tensor:
+    """Read a mask file: (1, S, S) float32 in {0,1}, binarised by ``mask_rule``.
 
     With ``image_shape`` (w, h) the mask must have the image's size, unless
     ``allow_mask_resize`` is true.
@@ -66,7 +68,7 @@ def load_mask(path, image_size: int = 518, crop: str = "", image_shape=None,
         raise DataError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is "
                         f"{image_shape[0]}x{image_shape[1]}; fix the pair, or pass "
                         "allow_mask_resize=True to resize masks to their image")
-    return mask_tensor(mask, image_size, crop)
+    return mask_tensor(mask, image_size, crop, mask_rule)
 
 
 class AnomalyDataset(torch.utils.data.Dataset):
@@ -76,10 +78,12 @@ class AnomalyDataset(torch.utils.data.Dataset):
     in {0,1} (all zeros for a sample without a mask; absent when ``return_mask=False``, which
     skips reading masks), ``label`` int, ``cls`` str, ``path`` str (the manifest's relative
     image path) and ``crop`` str (usually empty; a sample is identified by path and crop).
+    Masks are binarised by ``mask_rule`` (pass a model's ``config.mask_rule``).
     """
 
     def __init__(self, manifest, root, image_size: int = 518, return_mask: bool = True,
-                 allow_mask_resize: bool = False):
+                 allow_mask_resize: bool = False, mask_rule: str = "nonzero"):
+        check_mask_rule(mask_rule)
         frame = read_manifest(manifest)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -88,6 +92,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.image_size = int(image_size)
         self.return_mask = return_mask
         self.allow_mask_resize = allow_mask_resize
+        self.mask_rule = mask_rule
         self.records = list(zip(frame["image"], frame["mask"], frame["cls"],
                                 frame["label"].astype(int), frame["crop"]))
 
@@ -124,4 +129,4 @@ class AnomalyDataset(torch.utils.data.Dataset):
         if not mask_path:
             return torch.zeros(1, self.image_size, self.image_size)
         return load_mask(self.root / mask_path, self.image_size, crop, image_shape,
-                         self.allow_mask_resize)
+                         self.allow_mask_resize, self.mask_rule)

@@ -127,7 +127,7 @@ def _sdd(root: Path, info) -> Twin:
             rows = defects.get((folder, part), (0, 0))
             write_mask(root / folder / f"Part{part}_label.bmp", rows=rows, size=size)
     _touch(root / "kos03" / "Thumbs.db", "junk")
-    return Twin(info.name, root, 27 - 3, 3)
+    return Twin(info.name, root, 27 - 3, 3, warnings=("NOT comparable with Table 1",))
 
 
 def _sdd_converted(root: Path, info) -> Twin:

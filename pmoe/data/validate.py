@@ -138,8 +138,8 @@ def validate_manifest(name: str, frame, unreadable=()) -> ValidationReport:
     notes = []
     if info.name == "sdd" and (frame["crop"] != "").any():
         notes.append("raw KolektorSDD parts are cut into 3 horizontal bands, which does not give "
-                     "Table 7's (181, 74); the converted SDD tree distributed with AnomalyCLIP "
-                     "does")
+                     "Table 7's (181, 74), and metrics on it are not comparable with Table 1; the "
+                     "converted SDD tree distributed with AnomalyCLIP gives both")
     return ValidationReport(info, per_class_counts(frame, info), _consistency_problems(frame, info),
                             _differences(frame, info), list(unreadable), notes)
 
