@@ -16,8 +16,8 @@ of (seed, epoch, step) (pmoe.schedule) and the state holds the weights and Adam'
 
 Under torchrun each global batch is split across the processes (DistributedDataParallel over
 pmoe.train_step.TrainStep); the results equal a single process's up to floating-point
-summation order. Only the main process writes files. On CUDA the
-trainable forward pass runs in bf16 autocast with TF32; the CPU path stays fp32.
+summation order. Only the main process writes files. On CUDA the trainable forward pass
+runs in fp32 with TF32 matmuls (``train_precision="bf16"``: bf16 autocast); the CPU path is fp32.
 
 Usage::
 
