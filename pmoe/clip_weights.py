@@ -2,8 +2,8 @@
 
 Two kinds of file are accepted:
 
-- a state dict of an open_clip model: ``.pt``/``.pth``/``.bin`` written by ``torch.save`` or a
-  ``.safetensors`` file (e.g. open_clip's ``open_clip_pytorch_model.bin``). It is read by
+- a state dict of an open_clip model: ``.pt``/``.pth``/``.bin`` written by ``torch.save`` (e.g.
+  open_clip's ``open_clip_pytorch_model.bin``) or a ``.safetensors`` file. It is read by
   ``open_clip.load_checkpoint`` with ``weights_only=True``: tensors and plain containers only,
   a file holding any other pickled object is refused.
 - OpenAI's released ``.pt`` files (e.g. ``ViT-L-14-336px.pt``): TorchScript archives of
@@ -14,8 +14,10 @@ Two kinds of file are accepted:
 OpenAI's parameter names are those of open_clip's ``CLIP`` class (open_clip builds its OpenAI
 models by loading these state dicts strictly, ``build_model_from_openai_state_dict``). The
 archive also holds three metadata entries, which are dropped, and stores most matrices in
-float16, which ``load_state_dict`` copies exactly into the float32 model. The load is strict:
-a file of another architecture (another width, depth, patch or input size) is an error.
+float16, which ``load_state_dict`` copies exactly into the float32 model. An archive loads
+strictly: one of another architecture (width, depth, patch or input size) is an error. A state
+dict goes through open_clip's loader, which resizes a position grid of another input size and
+refuses every other difference.
 
 Usage::
 
