@@ -13,13 +13,15 @@ the normalised projected patch features of Eq. 6 and the global feature f_g of E
 the ordinary stream's final CLS token ``@ proj`` without ``ln_post`` (``"anomalyclip"``, as
 AnomalyCLIP computes it) or with it (``"open_clip"``, equal to ``encode_image``).
 
-Weights come from open_clip (``clip_weights="openai"``), from a local file, or are random
-(``"random"``, for tests and benchmarks). ``pmoe-tiny`` and ``pmoe-tiny-deep`` (24 blocks, as
-ViT-L) are tiny CLIP configs for tests.
+Weights come from open_clip (``clip_weights="openai"``), from a local file (a state dict or
+OpenAI's ``.pt``, see :mod:`pmoe.clip_weights`), or are random (``"random"``: one fixed
+backbone for tests and benchmarks). ``pmoe-tiny`` and ``pmoe-tiny-deep`` (24 blocks, as ViT-L)
+are tiny CLIP configs for tests.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -29,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pmoe.clip_weights import load_weights_file
 from pmoe.errors import CheckpointError, ConfigError
 
 CLIP_CONFIGS = Path(__file__).parent / "clip_configs"
 RANDOM_WEIGHTS_SEED = 0  # clip_weights="random" is one fixed backbone, whatever the training seed
 open_clip.add_model_config(CLIP_CONFIGS)
+NO_WEIGHTS_WARNING = "No pretrained weights loaded"  # open_clip's message for pretrained=None
 
 
 class VisualFeatures(NamedTuple):
@@ -61,10 +65,10 @@ def load_clip(config) -> nn.Module:
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            clip = open_clip.create_model(name, pretrained=None, **kwargs)
+            clip = _create_without_weights(name, **kwargs)
     elif looks_like_path(weights):
-        clip = open_clip.create_model(name, pretrained=None, **kwargs)
-        _load_weights_file(clip, Path(weights).expanduser(), name)
+        clip = _create_without_weights(name, **kwargs)
+        load_weights_file(clip, Path(weights).expanduser(), name)
     else:
         try:
             clip = open_clip.create_model(name, pretrained=weights, **kwargs)
@@ -72,7 +76,7 @@ def load_clip(config) -> nn.Module:
             raise CheckpointError(
                 f"could not obtain the {name} weights {weights!r} through open_clip ({error}). "
                 "Without network access, download them on another machine and pass "
-                "clip_weights=/path/to/file (.pt, .bin or .safetensors)."
+                "clip_weights=/path/to/file (OpenAI's .pt, or a state dict: .pt, .bin or .safetensors)."
             ) from error
     return clip.eval().requires_grad_(False)
 
@@ -81,20 +85,18 @@ def looks_like_path(weights: str) -> bool:
     return "/" in weights or "\\" in weights or Path(weights).suffix in {".pt", ".pth", ".bin", ".safetensors"}
 
 
-def _load_weights_file(clip: nn.Module, path: Path, name: str) -> None:
-    if not path.is_file():
-        raise CheckpointError(
-            f"CLIP weights file {path} does not exist; pass the path of a saved {name} checkpoint "
-            "(.pt, .bin or .safetensors) or clip_weights='openai'."
-        )
+def _create_without_weights(name: str, **kwargs) -> nn.Module:
+    """open_clip's ``name`` randomly initialised, without open_clip's warning that it loaded no
+    weights (pmoe wants random weights here, or loads a file next): only that log record is dropped."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(NO_WEIGHTS_WARNING)
+
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(keep)
     try:
-        open_clip.load_checkpoint(clip, str(path))
-    except Exception as error:
-        detail = str(error).strip().splitlines()[0][:300]
-        raise CheckpointError(
-            f"CLIP weights file {path} does not match the {name} architecture ({detail}). "
-            f"Pass weights saved from an open_clip {name} model, or set clip_model to the file's architecture."
-        ) from error
+        return open_clip.create_model(name, pretrained=None, **kwargs)
+    finally:
+        root.removeFilter(keep)
 
 
 def resize_position_embedding(pos: torch.Tensor, grid: int, mode: str) -> torch.Tensor:

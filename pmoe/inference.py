@@ -2,7 +2,8 @@
 
 ``predict`` is the low-level call (notebooks, Figure 5): a model and a list of image paths or
 dataset items in, NumPy arrays out. ``infer`` is ``pmoe infer``: image files and folders in
-(no manifest), one overlay per image and a ``scores.csv`` sorted by score out.
+(no manifest, EXIF orientation applied), one overlay per image at the photo's own aspect ratio,
+optionally the raw maps as ``.npy``, and a ``scores.csv`` sorted by score out.
 
 Usage::
 
@@ -10,6 +11,7 @@ Usage::
     model, _ = load_model("runs/mvtec")
     out = predict(model, ["a.png", "b.png"], with_images=True)  # score, anomaly_map, image, ...
     infer("runs/mvtec", ["photos/"], "results/photos")            # overlays/ and scores.csv
+    infer("runs/mvtec", ["photos/"], "results/photos", save_maps=True, threshold=0.6)  # + maps/, anomalous
 
 On CUDA the frozen image encoder runs under bf16 autocast and matmuls use TF32; the maps and
 scores are computed in fp32 (see :func:`forward_batch`). The CPU path is plain fp32.
@@ -17,16 +19,18 @@ scores are computed in fp32 (see :func:`forward_batch`). The CPU path is plain f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from pmoe.errors import CheckpointError, DataError, PmoeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-SCORE_COLUMNS = ("image", "score", "overlay")
+OVERLAY_MAX_SIDE = 1024  # px, long side of an overlay (smaller photos keep their size)
 
 
 # --- model and device ---------------------------------------------------------------------------
@@ -149,7 +153,7 @@ def _item_fields(items: list, with_images: bool) -> dict:
 class InferenceResult:
     """What ``infer`` did: the scores table, the files it could not read, what it skipped."""
 
-    scores: object  # pandas.DataFrame with SCORE_COLUMNS, highest score first
+    scores: object  # pandas.DataFrame (see ``infer``), highest score first
     unreadable: list = field(default_factory=list)  # (path, reason)
     skipped: list = field(default_factory=list)  # paths that are not images
 
@@ -158,13 +162,14 @@ def collect_images(paths, recursive: bool = False) -> tuple:
     """(image files, skipped non-images) from files and folders, in the order given.
 
     Folders contribute their image files (by extension, case-insensitive), sorted by name;
-    sub-folders only with ``recursive``. A path that does not exist is a DataError. A file
-    given twice is kept once.
+    sub-folders only with ``recursive``. Hidden entries of a folder (names starting with a dot:
+    ``.DS_Store``, AppleDouble ``._photo.jpg`` files, ``.git``) are ignored. A path that does
+    not exist is a DataError. A file given twice is kept once.
     """
     images, skipped = [], []
     for path in map(lambda p: Path(p).expanduser(), paths):
         if path.is_dir():
-            found = sorted(p for p in (path.rglob("*") if recursive else path.iterdir()) if p.is_file())
+            found = _visible_files(path, recursive)
             images += [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
             skipped += [p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS]
         elif path.is_file():
@@ -172,6 +177,13 @@ def collect_images(paths, recursive: bool = False) -> tuple:
         else:
             raise DataError(f"{path} does not exist; pass image files or folders of images")
     return _dedupe(images), skipped
+
+
+def _visible_files(folder: Path, recursive: bool) -> list:
+    """The files of ``folder`` (and of its sub-folders with ``recursive``), sorted, none hidden."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _dedupe(paths: list) -> list:
@@ -223,17 +235,25 @@ def _distinct_names(paths: list) -> list:
 
 def infer(run_dir_or_model, paths, out_dir, *, recursive: bool = False, batch_size: int = 8,
           device=None, clip_weights: str | None = None, class_name: str | None = None,
-          num_workers: int = 0, progress: bool = True) -> InferenceResult:
+          num_workers: int = 0, progress: bool = True, overlay_max_side: int = OVERLAY_MAX_SIDE,
+          save_maps: bool = False, threshold: float | None = None) -> InferenceResult:
     """Score every image under ``paths``; write ``OUT/overlays/<name>.png`` and ``OUT/scores.csv``.
 
-    Unreadable images are collected (not fatal): the others are still scored and written, and
-    the result lists every unreadable file with its reason. Files are written atomically.
+    Images are turned upright by their EXIF orientation, for the model as for the overlays.
+    An overlay has the photo's size and aspect ratio, scaled down so that its long side is at
+    most ``overlay_max_side`` px. With ``save_maps`` each anomaly map M is also saved as
+    ``OUT/maps/<name>.npy`` (S x S float32, model resolution, smoothed as at evaluation).
+
+    scores.csv columns: ``image``, ``score``, ``anomalous`` (``score >= threshold``; only with
+    a ``threshold``), ``overlay``, ``map`` (only with ``save_maps``); highest score first.
+    An image that cannot be decoded or converted is collected with the reason (not fatal): the
+    others are still scored and written. Files are written atomically.
     """
-    import pandas as pd
     from tqdm.auto import tqdm
 
     from pmoe.io import write_csv
 
+    _check_options(overlay_max_side, threshold)
     model, _ = load_model(run_dir_or_model, clip_weights)
     if model.config.use_class_names and not class_name:
         raise PmoeError("this run puts the class name in the prompt (use_class_names); "
@@ -243,57 +263,124 @@ def infer(run_dir_or_model, paths, out_dir, *, recursive: bool = False, batch_si
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(map(str, paths))}"
                         + ("" if recursive else "; pass --recursive to search sub-folders"))
     device = prepare_device(model, device)
-    out_dir, names = Path(out_dir), overlay_names(images)
-    loader = torch.utils.data.DataLoader(ImageFiles(images, model.config.image_size), batch_size=batch_size,
-                                         num_workers=num_workers)
+    writer = OutputWriter(Path(out_dir), overlay_names(images), *map_range(model.config), save_maps)
+    loader = torch.utils.data.DataLoader(ImageFiles(images, model.config.image_size, overlay_max_side),
+                                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate_files)
     rows, unreadable = [], []
     for batch in tqdm(loader, desc="infer", unit="batch", disable=not progress):
-        unreadable += [(images[i], error) for i, error in zip(batch["index"].tolist(), batch["error"]) if error]
+        unreadable += [(images[i], error) for i, error in zip(batch["index"], batch["error"]) if error]
         readable = [n for n, error in enumerate(batch["error"]) if not error]
         if readable:
-            rows += _score_batch(model, batch, readable, device, out_dir, names, images, class_name)
-    scores = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
-    scores = scores.sort_values(["score", "image"], ascending=[False, True], kind="stable", ignore_index=True)
-    write_csv(scores, out_dir / "scores.csv")
+            rows += _score_batch(model, batch, readable, device, writer, images, class_name)
+    scores = _scores_table(rows, threshold, save_maps)
+    write_csv(scores, writer.out_dir / "scores.csv")
     return InferenceResult(scores, unreadable, skipped)
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files preprocessed for the model; an unreadable one gives zeros and its error."""
+def _scores_table(rows: list, threshold, save_maps: bool):
+    """scores.csv's table from rows (image, score, overlay, map), highest score first."""
+    import pandas as pd
 
-    def __init__(self, paths: list, image_size: int):
-        self.paths, self.image_size = paths, image_size
+    scores = pd.DataFrame(rows, columns=["image", "score", "overlay", "map"])
+    scores = scores.sort_values(["score", "image"], ascending=[False, True], kind="stable", ignore_index=True)
+    if threshold is not None:
+        scores.insert(2, "anomalous", scores["score"] >= threshold)
+    return scores if save_maps else scores.drop(columns="map")
+
+
+def _check_options(overlay_max_side, threshold) -> None:
+    if not isinstance(overlay_max_side, int) or overlay_max_side < 1:
+        raise PmoeError(f"overlay_max_side must be a whole number of pixels >= 1, got {overlay_max_side!r}; "
+                        f"pass e.g. --overlay-max-side {OVERLAY_MAX_SIDE}")
+    if threshold is not None and not math.isfinite(threshold):
+        raise PmoeError(f"threshold must be a finite number, got {threshold!r}; pass e.g. --threshold 0.5")
+
+
+def read_photo(path) -> Image.Image:
+    """The image file decoded, turned upright by its EXIF orientation, as 8-bit RGB."""
+    from pmoe.data.images import open_image, to_rgb
+
+    return to_rgb(ImageOps.exif_transpose(open_image(path)))
+
+
+def display_size(size: tuple, max_side: int) -> tuple:
+    """(width, height) of ``size`` scaled down, aspect kept, so the long side is at most ``max_side``."""
+    width, height = size
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files read upright (EXIF), as the model's input and as a display-sized RGB array.
+
+    An image that cannot be read or converted gives zeros, no display image and the reason.
+    """
+
+    def __init__(self, paths: list, image_size: int, max_side: int = OVERLAY_MAX_SIDE):
+        self.paths, self.image_size, self.max_side = paths, image_size, max_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        from pmoe.data import load_image
+        from pmoe.data.loader import image_tensor
 
+        path = self.paths[index]
         try:
-            return {"index": index, "image": load_image(self.paths[index], self.image_size), "error": ""}
-        except DataError as error:
-            return {"index": index, "image": torch.zeros(3, self.image_size, self.image_size), "error": str(error)}
+            photo = read_photo(path)
+            display = np.asarray(photo.resize(display_size(photo.size, self.max_side), Image.BICUBIC))
+            return {"index": index, "image": image_tensor(photo, self.image_size), "display": display, "error": ""}
+        except Exception as error:  # any failure to decode or convert one file is reported, not fatal
+            reason = str(error) if isinstance(error, DataError) else \
+                f"cannot convert image {path} ({type(error).__name__}: {error}); save it as an 8-bit PNG or JPEG"
+            empty = torch.zeros(3, self.image_size, self.image_size)
+            return {"index": index, "image": empty, "display": None, "error": reason}
 
 
-def _score_batch(model, batch: dict, readable: list, device, out_dir: Path, names, images, class_name) -> list:
-    """Score the readable images of a batch and write their overlays; returns score rows."""
+def collate_files(items: list) -> dict:
+    """A batch of :class:`ImageFiles` items: stacked model inputs, lists of the rest."""
+    return {"image": torch.stack([item["image"] for item in items]),
+            **{key: [item[key] for item in items] for key in ("index", "display", "error")}}
+
+
+@dataclass
+class OutputWriter:
+    """Writes each image's overlay (and raw map) under ``out_dir``, named by ``names``."""
+
+    out_dir: Path
+    names: list  # one overlay file name per image (see overlay_names)
+    vmin: float
+    vmax: float
+    save_maps: bool = False
+
+    def write(self, index: int, display: np.ndarray, anomaly_map: np.ndarray) -> tuple:
+        """Write image ``index``'s files; returns their paths relative to ``out_dir`` (map: "" if not saved)."""
+        from pmoe.io import atomic_path
+
+        overlay = f"overlays/{self.names[index]}"
+        write_overlay(self.out_dir / overlay, display, anomaly_map, self.vmin, self.vmax)
+        if not self.save_maps:
+            return overlay, ""
+        saved = f"maps/{Path(self.names[index]).with_suffix('.npy')}"
+        with atomic_path(self.out_dir / saved) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, anomaly_map.astype(np.float32))
+        return overlay, saved
+
+
+def _score_batch(model, batch: dict, readable: list, device, writer: OutputWriter, images, class_name) -> list:
+    """Score the readable images of a batch and write their files; returns rows (image, score, overlay, map)."""
     subset = {"image": batch["image"][readable], "cls": [class_name or ""] * len(readable)}
     out = forward_batch(model, subset, device)
     maps, scores = out["anomaly_map"].cpu().numpy(), out["score"].cpu().numpy()
     rows = []
     for position, anomaly_map, score in zip(readable, maps, scores):
-        index = int(batch["index"][position])
-        write_overlay(out_dir / "overlays" / names[index], denormalize(batch["image"][position]), anomaly_map,
-                      *map_range(model.config))
-        rows.append((str(images[index]), float(score), f"overlays/{names[index]}"))
+        index = batch["index"][position]
+        rows.append((str(images[index]), float(score), *writer.write(index, batch["display"][position], anomaly_map)))
     return rows
 
 
 def write_overlay(path, image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float) -> Path:
-    """Save the heat-map overlay of ``anomaly_map`` on ``image`` as a PNG, atomically."""
-    from PIL import Image
-
+    """Save the heat-map overlay of ``anomaly_map`` (resized to the image) on ``image`` as a PNG, atomically."""
     from pmoe.io import atomic_path
     from pmoe.plotting import overlay
 

@@ -96,6 +96,22 @@ def declared_parameters(path) -> set:
     return set(papermill.inspect_notebook(str(path)))
 
 
+def kernel_config():
+    """Jupyter settings for the kernels papermill starts: encrypted channels where possible.
+
+    ipykernel >= 7 warns at every start of a kernel whose local TCP channels are unencrypted,
+    once per notebook run. Recent jupyter_client versions provision CurveZMQ keys for kernels that
+    declare support, as the native ``python3`` kernel does, when asked for ``auto`` encryption.
+    """
+    import zmq
+    from jupyter_client import KernelManager
+    from traitlets.config import Config
+
+    if "transport_encryption" not in KernelManager.class_trait_names() or not zmq.has("curve"):
+        return Config()
+    return Config({"KernelManager": {"transport_encryption": "auto"}})
+
+
 def run_notebook(source, target, parameters: dict, prepare_only: bool = False, progress: bool = False) -> Outcome:
     """Execute one notebook with the parameters it declares; failures become an Outcome, not an exception."""
     import papermill
@@ -108,6 +124,7 @@ def run_notebook(source, target, parameters: dict, prepare_only: bool = False, p
         papermill.execute_notebook(
             str(source), str(target), parameters={k: v for k, v in parameters.items() if k in declared},
             prepare_only=prepare_only, cwd=str(REPO), progress_bar=progress, kernel_name="python3",
+            config=kernel_config(),
         )
     except papermill.PapermillExecutionError as error:
         return Outcome(source.name, time.perf_counter() - start, f"{error.ename}: {error.evalue}", str(target))
