@@ -1,5 +1,5 @@
 """AnomalyCLIP's prompt learner against a step-by-step reference of their text path, their
-checkpoint format and their published numbers."""
+checkpoint format, their published numbers, and the written prompt ensemble."""
 
 import argparse
 import statistics
@@ -7,6 +7,7 @@ import statistics
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pmoe
 from pmoe import paper
@@ -15,6 +16,7 @@ from pmoe.backbone import load_clip
 from pmoe.data.registry import DATASETS
 from pmoe.errors import CheckpointError, ConfigError, DataError
 from pmoe.tables import METRIC_LABELS
+from pmoe.zero_shot_prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, ensemble_text_features, state_sentences
 
 TINY_DEEP = pmoe.Config.preset("tiny").replace(clip_model="pmoe-tiny-deep")  # 12 text layers, width 64
 N_CTX, DEPTH, DEEP_LEN = 12, 9, 4  # their setting (test.sh: --n_ctx 12 --depth 9 --t_n_ctx 4)
@@ -266,3 +268,35 @@ def test_logged_means_are_within_0_3_of_the_papers_anomalyclip_row():
 def test_a_dataset_without_published_numbers_is_a_clear_error():
     with pytest.raises(DataError, match="no published AnomalyCLIP numbers for 'btad'"):
         load_published("btad")
+
+
+# --- the written prompt ensemble ---------------------------------------------------------------
+
+def test_sentences_put_every_phrase_in_every_template():
+    normal, abnormal = state_sentences("metal_nut")
+    assert len(normal) == len(NORMAL_STATES) * len(TEMPLATES) and len(abnormal) == len(ABNORMAL_STATES) * len(TEMPLATES)
+    assert "a photo of a metal nut." in normal
+    assert all("metal nut" in sentence for sentence in normal + abnormal)
+    assert not set(normal) & set(abnormal)
+
+
+def test_ensemble_features_equal_the_mean_of_hand_encoded_sentences(clip):
+    ours = ensemble_text_features(clip, "metal_nut")
+    reference = []
+    with torch.no_grad():
+        for sentences in state_sentences("metal_nut"):
+            tokens = open_clip.tokenize(sentences)
+            x = clip.token_embedding(tokens) + clip.positional_embedding
+            for block in clip.transformer.resblocks:
+                x = block(x, attn_mask=clip.attn_mask)
+            x = clip.ln_final(x)[torch.arange(len(sentences)), tokens.argmax(dim=-1)] @ clip.text_projection
+            reference.append(F.normalize(F.normalize(x, dim=-1).mean(dim=0), dim=0))
+    assert torch.allclose(ours, torch.stack(reference), atol=1e-5)
+
+
+def test_ensemble_is_deterministic_normalised_and_separates_the_states(clip):
+    first = ensemble_text_features(clip)
+    second = ensemble_text_features(load_clip(TINY_DEEP))
+    assert torch.equal(first, second)
+    assert torch.allclose(first.norm(dim=-1), torch.ones(2), atol=1e-6)
+    assert not torch.allclose(first[0], first[1], atol=1e-3)
