@@ -202,7 +202,7 @@ def check_frozen_buffers(state: dict, learner: AnomalyCLIPPromptLearner, path) -
         saved_ids = state[f"tokenized_prompts_{state_name}"].reshape(-1).long()
         if not torch.equal(saved_ids, learner.token_ids[row].cpu()):
             raise CheckpointError(
-                f"{path}: tokenized_prompts_{state_name} differs from the tokens of "
+                f"{path}: tokenized_prompts_{state_name} differs from the tokens of the "
                 f"{'normal' if row == 0 else 'abnormal'} prompt this learner builds; it was made with another "
                 "prompt text or class word (theirs: 'object')."
             )
