@@ -1,4 +1,5 @@
-"""Test-wide settings: nothing may touch the network, and the real fixtures are located.
+"""Test-wide settings: nothing may touch the network or the user's feature cache, and the real
+fixtures are located.
 
 The real sample files (DAGM, Kvasir-SEG, VisA split) live outside the repository, in
 ``../shared/fixtures/real`` beside the checkout, or wherever ``PMOE_FIXTURES`` points. Tests
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["PMOE_CACHE"] = str(REPO / "build" / "test-feature-cache")  # never the user's own cache
 os.environ.setdefault("MPLBACKEND", "Agg")
-
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FIXTURES = REPO.parent / "shared" / "fixtures" / "real"
 
 

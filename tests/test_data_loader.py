@@ -217,8 +217,9 @@ def test_dataset_masks_follow_the_mask_rule(real_fixtures):
 
 def test_a_models_training_data_uses_its_mask_rule(real_fixtures):
     model = SimpleNamespace(config=Config.preset("tiny").replace(mask_rule="jpeg_above_127"))
-    dataset = feature_dataset(FeatureCache(None, model.config), model, "kvasir", real_fixtures / "Kvasir-SEG",
-                              None, "cpu", 0, False)
+    root = real_fixtures / "Kvasir-SEG"
+    dataset = feature_dataset(FeatureCache(None, model.config), model, build_manifest("kvasir", root), root,
+                              "cpu", 0, False)
     assert dataset.mask_rule == "jpeg_above_127"
 
 
