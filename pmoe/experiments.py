@@ -86,6 +86,23 @@ def dataset_root(data_root, name: str) -> Path:
     return root
 
 
+def notebook_inputs(preset: str, data_root: str, clip_weights: str, out_dir: str, datasets=()) -> tuple:
+    """The first cell of every notebook: ``(data_root, clip_weights, out)``, checked.
+
+    An empty value takes the preset's own (as ``pmoe reproduce`` does): the demo's data folder
+    and tiny random CLIP, OpenAI's weights for the paper, ``results/run-<preset>``. Relative
+    paths start at the repository, wherever the notebook runs.
+    """
+    from pmoe.reproduce import PRESETS
+
+    if preset not in PRESETS:
+        raise PmoeError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {preset!r}.")
+    defaults = PRESETS[preset]
+    data_root, clip_weights = data_root or defaults["data_root"], clip_weights or defaults["clip_weights"]
+    check_inputs(preset, data_root, clip_weights, datasets)
+    return repo_path(data_root), clip_weights, repo_path(out_dir or f"results/run-{preset}")
+
+
 def check_inputs(preset: str, data_root, clip_weights: str, datasets=()) -> None:
     """The first cell's checks: a clear message saying what to pass, before any work."""
     if preset not in ("paper", *DEMO_PRESETS):
@@ -93,6 +110,9 @@ def check_inputs(preset: str, data_root, clip_weights: str, datasets=()) -> None
     for name in datasets:
         dataset_info(name)
     if is_demo(preset):
+        if clip_weights != "random":
+            raise PmoeError(f"the {preset} preset runs a tiny random CLIP, not clip_weights {clip_weights!r}: "
+                            "leave clip_weights empty (or 'random'); real weights need preset 'paper'.")
         return
     if not data_root or not Path(data_root).is_dir():
         raise PmoeError(
@@ -205,8 +225,11 @@ def evaluation_file(out_dir, variant: str, target: str, preset: str, filename: s
 
 
 def default_seeds(preset: str, seeds=None) -> list:
-    """``seeds`` as a list, or the preset's own seed (the config's) when none are given."""
-    return list(seeds) if seeds else [config_for(preset).seed]
+    """``seeds`` as a list of ints, or the preset's own when none are given (``pmoe reproduce``'s
+    default: paper 111, demo 0 and 1, tiny 0)."""
+    from pmoe.reproduce import PRESETS
+
+    return [int(seed) for seed in seeds] if seeds else list(PRESETS[preset]["seeds"])
 
 
 def run_ablations(preset: str, variants, targets, data_root, out_dir, clip_weights=None, seeds=None) -> tuple:

@@ -43,6 +43,19 @@ def test_check_inputs_names_what_to_pass(tmp_path):
         experiments.dataset_root(tmp_path, "mvtec")
 
 
+def test_notebook_inputs_fill_empty_values_with_the_preset_defaults(tmp_path):
+    data_root, clip_weights, out = experiments.notebook_inputs("demo", "", "", "")
+    assert (data_root, clip_weights, out) == (experiments.REPO / "data" / "demo", "random",
+                                              experiments.REPO / "results" / "run-demo")
+    assert experiments.notebook_inputs("paper", str(tmp_path), "", "x")[1:] == ("openai", experiments.REPO / "x")
+    with pytest.raises(PmoeError, match="-p data_root"):
+        experiments.notebook_inputs("paper", "", "", "")
+    with pytest.raises(PmoeError, match="tiny random CLIP.*leave clip_weights empty"):
+        experiments.notebook_inputs("demo", "", "openai", "")
+    with pytest.raises(PmoeError, match="preset must be one of"):
+        experiments.notebook_inputs("huge", "", "", "")
+
+
 def test_repo_path_resolves_relative_paths_from_the_repository(tmp_path):
     assert experiments.repo_path("results/x") == experiments.REPO / "results" / "x"
     assert experiments.repo_path(tmp_path) == tmp_path
@@ -97,6 +110,7 @@ def test_zero_shot_keeps_the_rows_of_models_that_never_saw_the_dataset(tmp_path)
 def test_run_names_and_default_seeds():
     assert experiments.run_name("paper", "mvtec", 111) == "paper__mvtec__seed111"
     assert experiments.default_seeds("paper") == [111] and experiments.default_seeds("tiny") == [0]
+    assert experiments.default_seeds("demo") == [0, 1]
     assert experiments.default_seeds("paper", (1, 2)) == [1, 2]
 
 
