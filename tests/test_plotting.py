@@ -173,3 +173,27 @@ def test_save_figure_refuses_unknown_extensions(tmp_path):
     with pytest.raises(PmoeError, match="extensions"):
         plotting.save_figure(Figure(), tmp_path / "figure.xyz")
     assert not list(tmp_path.iterdir())
+
+
+def test_radar_chart_draws_a_band_of_one_sd_over_seeds():
+    table1 = paper.load_paper(1)
+    mine = table1[(table1.method == "PromptMoE") & (table1.dataset != "sdd")]
+    ours = pd.concat([mine.assign(run="paper", value=mine.value - 1, seed=1, reason=""),
+                      mine.assign(run="paper", value=mine.value + 1, seed=2, reason="")])
+    fig = plotting.radar_chart(tables.table1_long(ours))
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    mvtec = mine.query("dataset == 'mvtec' and metric == 'image_auroc'")["value"].item()
+    assert np.isclose(band, mvtec + np.sqrt(2)).any() and np.isclose(band, mvtec - np.sqrt(2)).any()
+    assert not plotting.radar_chart(tables.table1_long(ours.query("seed == 1"))).axes[0].collections
+
+
+def test_training_dynamics_over_seeds_draws_the_mean_and_a_band():
+    epochs = np.arange(1, 4)
+    logs = [pd.DataFrame({"epoch": epochs, "loss_balance": [1.0, 2.0, 3.0], "loss_decouple": 0.1 * epochs,
+                          "val_image_auroc": [80.0, 82.0, 84.0], "seed": seed}) for seed in (1, 2)]
+    logs[1]["loss_balance"] += 2.0
+    fig = plotting.training_dynamics({"with L_decouple": pd.concat(logs)})
+    line = fig.axes[0].lines[0]
+    assert np.allclose(line.get_ydata(), [2.0, 3.0, 4.0])
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert np.isclose(band, 2.0 + np.sqrt(2)).any() and np.isclose(band, 4.0 - np.sqrt(2)).any()
