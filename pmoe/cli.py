@@ -1,9 +1,9 @@
 """The ``pmoe`` command line.
 
 Every public module in :mod:`pmoe.commands` is one sub-command, named as the module with
-hyphens for underscores (``import_anomalyclip`` is ``pmoe import-anomalyclip``): its docstring is the help text,
-``add_arguments(parser)`` declares its options and ``run(args)`` does the work. Errors the
-user can fix (:class:`pmoe.errors.PmoeError`) are printed without a traceback.
+hyphens for underscores (``import_anomalyclip`` is ``pmoe import-anomalyclip``): its docstring
+is the help text, ``add_arguments(parser)`` declares its options and ``run(args)`` does the work.
+Errors the user can fix (:class:`pmoe.errors.PmoeError`) are printed without a traceback.
 
 Usage: ``pmoe --help`` lists the commands; ``pmoe COMMAND --help`` shows one.
 """

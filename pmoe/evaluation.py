@@ -55,7 +55,8 @@ def evaluate(run_dir_or_model, dataset: str, data_root, out_dir, *, manifest=Non
              pro_mode: str = "anomalyclip", overlays: int = 0, cache_dir=None, batch_size: int = 16,
              device=None, clip_weights: str | None = None, run_name: str | None = None,
              num_workers: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Evaluate a run directory (an in-memory PromptMoE, or a training-free Config) on ``dataset``; returns metrics.csv.
+    """Evaluate a run directory (or an in-memory PromptMoE, or a training-free Config) on ``dataset``;
+    returns metrics.csv.
 
     ``manifest``: a manifest CSV to use instead of building it from ``data_root``;
     ``classes``: a subset of the dataset's classes; ``pro_mode``: ``anomalyclip`` or ``exact``;

@@ -3,8 +3,9 @@
 L_total = BCE(s, c) + L_seg + L_balance + L_decouple (Eq. 8), where L_seg is Focal (gamma 2, over the
 [normal, abnormal] channels against the one-hot mask) + Dice(P_abnormal, m) + Dice(P_normal, 1-m),
 applied to each tapped layer's maps and summed (``seg_loss_on="per_layer"``), or to the
-combined map M (``"combined"``), times ``seg_loss_weight`` (1; AnomalyCLIP's lam). With ``image_score="global"`` (s = p_g) the BCE is computed
-from p_g's logit, so it keeps its gradient where p_g rounds to 0 or 1 (tau' = 0.01 saturates).
+combined map M (``"combined"``), times ``seg_loss_weight`` (1; AnomalyCLIP's lam). With
+``image_score="global"`` (s = p_g) the BCE is computed from p_g's logit, so it keeps its
+gradient where p_g rounds to 0 or 1 (tau' = 0.01 saturates).
 """
 
 from __future__ import annotations
