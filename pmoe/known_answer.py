@@ -74,21 +74,30 @@ def prepare(preset: str, data_root, clip_weights: str, out_dir, visa_trained: st
 
 
 def random_checkpoint(preset: str, train_set: str, out_dir, clip_weights: str, seed: int) -> Path:
-    """A random checkpoint for the preset's CLIP, written in their format under their folder name (once)."""
+    """A random checkpoint for the preset's CLIP, written in their format under their folder name.
+
+    One written before is kept while it still loads into this CLIP (its file, hence the imported
+    runs and their evaluations, stay the same).
+    """
     import torch
 
-    from pmoe.anomalyclip import AnomalyCLIPPromptLearner, save_checkpoint
+    from pmoe.anomalyclip import AnomalyCLIPPromptLearner, load_checkpoint, save_checkpoint
     from pmoe.backbone import load_clip
+    from pmoe.errors import CheckpointError
 
     folder = {trained_on: name for name, trained_on in CHECKPOINT_TRAIN_SETS.items()}[train_set]
     path = Path(out_dir) / FOLDER / "checkpoints" / folder / CHECKPOINT_FILE
-    if path.is_file():
-        return path
     config = experiments.config_for(preset, VARIANTS[0], clip_weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         learner = AnomalyCLIPPromptLearner(load_clip(config), n_ctx=config.ctx_len, depth=config.deep_prompt_depth,
                                            deep_len=config.deep_prompt_len, class_name=config.class_name)
+    if path.is_file():
+        try:
+            load_checkpoint(learner, path)
+            return path
+        except CheckpointError:
+            pass  # made for another CLIP or setting: written again below
     return save_checkpoint(learner, path)
 
 

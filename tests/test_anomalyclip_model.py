@@ -271,6 +271,17 @@ def test_comparison_and_agreement_against_hand_made_differences():
     assert view.shape == (13, 12) and view.loc["candle", ("anomalyclip", "pro", "published")] == 96.5
 
 
+def test_demo_checkpoints_are_kept_while_they_load_and_replaced_when_stale(clip, tmp_path):
+    path = known_answer.random_checkpoint("tiny", "visa", tmp_path, "random", seed=0)
+    assert path == tmp_path / "known_answer" / "checkpoints" / THEIR_FOLDER / "epoch_15.pth"
+    first = path.read_bytes()
+    assert known_answer.random_checkpoint("tiny", "visa", tmp_path, "random", seed=0).read_bytes() == first
+    write_their_checkpoint(clip, path, {"prompt_learner": their_state(clip)})  # depth 9: another setting
+    known_answer.random_checkpoint("tiny", "visa", tmp_path, "random", seed=0)
+    state = torch.load(path, weights_only=True)["prompt_learner"]
+    assert sorted(key for key in state if key.startswith("compound_prompts_text")) == ["compound_prompts_text.0"]
+
+
 def test_without_checkpoints_the_paper_check_is_skipped_with_how_to_run_it(tmp_path):
     assert known_answer.prepare("paper", tmp_path / "absent", "openai", tmp_path / "out") == {}
     note = known_answer.status({})
