@@ -18,7 +18,7 @@ from pmoe.data.registry import DATASETS
 from pmoe.errors import CheckpointError, ConfigError, DataError
 from pmoe.tables import METRIC_LABELS
 from pmoe.zero_shot_prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, ensemble_text_features, state_sentences
-from reference_model import DEEP_LEN, DEPTH, N_CTX, reference_features, their_state, their_texts
+from reference_model import DEPTH, N_CTX, reference_features, their_state, their_texts
 
 TINY_DEEP = pmoe.Config.preset("tiny").replace(clip_model="pmoe-tiny-deep")  # 12 text layers, width 64
 
