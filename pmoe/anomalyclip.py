@@ -1,13 +1,18 @@
 """AnomalyCLIP (Zhou et al., ICLR 2024) as a second prompt learner: its object-agnostic
-prompts, its checkpoint format and its published numbers.
+prompts, its checkpoint format (read, written, imported as a pmoe run) and its published numbers.
 
 Usage::
 
-    from pmoe.anomalyclip import AnomalyCLIPPromptLearner, load_checkpoint, load_published
+    from pmoe.anomalyclip import AnomalyCLIPPromptLearner, import_run, load_checkpoint, load_published
     learner = AnomalyCLIPPromptLearner(clip)              # clip: an open_clip CLIP (frozen)
     load_checkpoint(learner, "checkpoints/9_12_4_multiscale/epoch_15.pth")
     text_features = learner()                             # (2, D): [normal, abnormal], unit norm
     published = load_published("mvtec")                  # their per-class log as a tidy frame
+    import_run("checkpoints/9_12_4_multiscale/epoch_15.pth", "runs/anomalyclip-visa",
+               pmoe.Config.preset("anomalyclip"))         # a pmoe run directory (pmoe import-anomalyclip)
+
+In the model (``prompt_mode="anomalyclip"``, presets ``anomalyclip`` and ``anomalyclip-4layers``)
+the learner is wrapped by :class:`pmoe.prompt_learners.AnomalyCLIPPrompts`.
 
 The prompts are the same for every image and class (object-agnostic)::
 
@@ -22,7 +27,7 @@ after ``depth`` carry on whatever block ``depth`` made of the last set. Both pro
 deep tokens. The causal mask makes the EOT feature independent of later positions, so the
 transformer runs only up to the last EOT (exactly as :class:`pmoe.text.TextEncoder` does).
 
-Their code runs this path in fp16 on CUDA; here it runs in the dtype of the CLIP weights.
+Their code runs this path in fp16 on CUDA; here it runs in the dtype of the CLIP weights (fp32).
 Their checkpoint holds frozen buffers (the [SOS] and suffix token embeddings and the token
 ids) that are checked against this CLIP and tokenizer, and ``compound_prompt_projections``
 (one ``Linear(width, 896)`` per deep set, never used in their forward pass), which is
@@ -31,6 +36,7 @@ shape-checked and ignored.
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -41,6 +47,7 @@ from torch import nn
 
 import pmoe
 from pmoe.errors import CheckpointError, ConfigError, DataError
+from pmoe.io import atomic_dir, atomic_path, write_text
 from pmoe.text import PAD_TOKEN, TextEncoder, clip_tokenizer
 
 CONTEXT_PLACEHOLDER = "X"  # their prompt text holds one "X" per learnable context vector
@@ -76,13 +83,15 @@ class AnomalyCLIPPromptLearner(nn.Module):
 
     def __init__(self, clip: nn.Module, n_ctx: int = 12, depth: int = 9, deep_len: int = 4,
                  class_name: str = "object", truncate: bool = True):
+        """``clip``: the frozen text tower, as an open_clip CLIP or a :class:`pmoe.text.TextEncoder`."""
         super().__init__()
         self.text = TextEncoder(clip, truncate)
         blocks = len(clip.transformer.resblocks)
         if not 1 <= depth <= blocks or not 1 <= deep_len <= n_ctx:
             raise ConfigError(
                 f"AnomalyCLIP needs 1 <= depth <= {blocks} (text blocks) and 1 <= deep_len <= n_ctx; "
-                f"got depth={depth}, deep_len={deep_len}, n_ctx={n_ctx} (their setting: 9, 4, 12)."
+                f"got depth={depth}, deep_len={deep_len}, n_ctx={n_ctx} (their setting: 9, 4, 12; config fields "
+                "deep_prompt_depth, deep_prompt_len, ctx_len)."
             )
         self.n_ctx, self.depth, self.deep_len = n_ctx, depth, deep_len
         width = self.text.width
@@ -218,7 +227,11 @@ def check_frozen_buffers(state: dict, learner: AnomalyCLIPPromptLearner, path) -
 
 def load_checkpoint(learner: AnomalyCLIPPromptLearner, path, check_frozen: bool = True) -> AnomalyCLIPPromptLearner:
     """Load their ``ctx_pos``/``ctx_neg``/``compound_prompts_text.*`` into ``learner`` after checking the file."""
-    state = read_checkpoint(path)
+    return load_state(learner, read_checkpoint(path), path, check_frozen)
+
+
+def load_state(learner: AnomalyCLIPPromptLearner, state: dict, path, check_frozen: bool = True):
+    """Load the ``prompt_learner`` state dict read from ``path`` (named in errors) after checking it."""
     check_state_shapes(state, learner.checkpoint_shapes(), path)
     if check_frozen:
         check_frozen_buffers(state, learner, path)
@@ -231,6 +244,83 @@ def load_checkpoint(learner: AnomalyCLIPPromptLearner, path, check_frozen: bool 
     return learner
 
 
+def save_checkpoint(learner: AnomalyCLIPPromptLearner, path, dtype=torch.float32) -> Path:
+    """Write ``learner`` as their train.py saves it: ``{"prompt_learner": state}``, their key names.
+
+    The frozen buffers are this CLIP's [SOS] and suffix embeddings and int32 token ids; the
+    ``compound_prompt_projections`` their forward pass never uses are written as zeros. ``dtype``
+    is that of the floating tensors (their CUDA runs save fp16). Written atomically.
+    """
+    frozen = learner.frozen_embeddings()
+    state = {}
+    for row, (name, context) in enumerate(zip(STATES, (learner.normal_context, learner.abnormal_context))):
+        state[f"ctx_{name}"] = context.detach()[None, None]
+        state[f"token_prefix_{name}"] = frozen[row, :1][None, None]
+        state[f"token_suffix_{name}"] = frozen[row, 1 + learner.n_ctx:][None, None]
+        state[f"tokenized_prompts_{name}"] = learner.token_ids[row].to(torch.int32)[None, None]
+    width = learner.text.width
+    for index, tokens in enumerate(learner.deep_tokens.detach()):
+        state[f"compound_prompts_text.{index}"] = tokens
+        state[f"compound_prompt_projections.{index}.weight"] = torch.zeros(PROJECTION_WIDTH, width)
+        state[f"compound_prompt_projections.{index}.bias"] = torch.zeros(PROJECTION_WIDTH)
+    state = {key: (value.to(dtype) if value.is_floating_point() else value).cpu().contiguous()
+             for key, value in state.items()}
+    with atomic_path(path) as tmp:
+        torch.save({"prompt_learner": state}, tmp)
+    return Path(path)
+
+
+# --- their checkpoints as pmoe runs ---------------------------------------------------------------
+# The folders of their released checkpoints and the set each was trained on (their train.sh; the
+# "_visa" suffix names the set it is evaluated on).
+CHECKPOINT_TRAIN_SETS = {"9_12_4_multiscale": "visa", "9_12_4_multiscale_visa": "mvtec"}
+
+
+def checkpoint_train_set(path) -> str:
+    """The training set of one of their released checkpoints, from its folder's name."""
+    folder = Path(path).expanduser().resolve().parent.name
+    if folder not in CHECKPOINT_TRAIN_SETS:
+        known = ", ".join(f"{name}/ ({train_set})" for name, train_set in CHECKPOINT_TRAIN_SETS.items())
+        raise ConfigError(f"cannot tell what {path} was trained on from its folder {folder!r} (theirs: {known}); "
+                          "pass the training set (--train-set visa or mvtec).")
+    return CHECKPOINT_TRAIN_SETS[folder]
+
+
+def import_run(path, out_dir, config, train_set: str | None = None, overwrite: bool = False) -> Path:
+    """Import their checkpoint ``path`` as a pmoe run directory ``out_dir``; returns it.
+
+    ``config`` is an ``anomalyclip`` preset (with the CLIP weights to use: their frozen buffers
+    are checked against them). ``train_set`` defaults to the one their folder name implies. The run
+    directory holds config.json, provenance.json, model.safetensors and identity.json (the
+    training set, the source file and its SHA-1); ``pmoe evaluate``/``pmoe infer`` take it. It is
+    written under a temporary name and renamed, so a failed import leaves no run directory.
+    """
+    from pmoe.checkpoint import WEIGHTS, save_weights, write_run_metadata
+    from pmoe.data import dataset_info
+    from pmoe.identity import file_sha1, package_version
+    from pmoe.model import build_model
+    from pmoe.training import IDENTITY
+
+    path, out_dir = Path(path).expanduser(), Path(out_dir).expanduser()
+    if config.prompt_mode != "anomalyclip":
+        raise ConfigError(f"importing an AnomalyCLIP checkpoint needs prompt_mode 'anomalyclip' (preset anomalyclip "
+                          f"or anomalyclip-4layers), got {config.prompt_mode!r}.")
+    train_set = dataset_info(train_set or checkpoint_train_set(path)).name
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another --out.")
+    state = read_checkpoint(path)
+    model = build_model(config)
+    load_state(model.prompt_learner.learner, state, path)
+    identity = {"train_set": train_set, "source": "AnomalyCLIP checkpoint", "source_file": str(path.resolve()),
+                "source_sha1": file_sha1(path), "pmoe_version": package_version()}
+    with atomic_dir(out_dir) as scratch:
+        write_run_metadata(scratch, config)
+        write_text(scratch / IDENTITY, json.dumps(identity, indent=2) + "\n")
+        save_weights(model, scratch / WEIGHTS)
+    return out_dir
+
+
+# --- their published numbers --------------------------------------------------------------------
 def published_dir() -> Path:
     """The folder of their published numbers: ``results/anomalyclip/`` of the source checkout."""
     return Path(pmoe.__file__).resolve().parents[1] / "results" / "anomalyclip"

@@ -81,6 +81,12 @@ def load_clip(config) -> nn.Module:
     return clip.eval().requires_grad_(False)
 
 
+def text_depth(clip_model: str):
+    """The number of text transformer blocks of an open_clip architecture (None if open_clip does not know it)."""
+    config = open_clip.get_model_config(clip_model) or {}
+    return config.get("text_cfg", {}).get("layers")
+
+
 def looks_like_path(weights: str) -> bool:
     return "/" in weights or "\\" in weights or Path(weights).suffix in {".pt", ".pth", ".bin", ".safetensors"}
 

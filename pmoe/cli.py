@@ -1,8 +1,9 @@
 """The ``pmoe`` command line.
 
-Every public module in :mod:`pmoe.commands` is one sub-command: its docstring is the help text,
-``add_arguments(parser)`` declares its options and ``run(args)`` does the work. Errors the
-user can fix (:class:`pmoe.errors.PmoeError`) are printed without a traceback.
+Every public module in :mod:`pmoe.commands` is one sub-command, named as the module with
+hyphens for underscores (``import_anomalyclip`` is ``pmoe import-anomalyclip``): its docstring
+is the help text, ``add_arguments(parser)`` declares its options and ``run(args)`` does the work.
+Errors the user can fix (:class:`pmoe.errors.PmoeError`) are printed without a traceback.
 
 Usage: ``pmoe --help`` lists the commands; ``pmoe COMMAND --help`` shows one.
 """
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"pmoe.commands.{info.name}")
         doc = (module.__doc__ or info.name).strip()
         command = sub.add_parser(
-            info.name, help=doc.splitlines()[0], description=doc,
+            info.name.replace("_", "-"), help=doc.splitlines()[0], description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(command)

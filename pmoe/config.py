@@ -3,7 +3,9 @@
 ``Config()`` is the paper's model and protocol. Every choice the paper leaves open is a field
 marked ``[decision]`` (see the README's "Reproduction decisions" table). Presets are named
 overrides: ``Config.preset("paper")``, one preset per ablation row of Tables 2-6 and Figure 7,
-one per alternative reading of the paper (``global-open-clip``, ``vgmop-projected``), and
+one per alternative reading of the paper (``global-open-clip``, ``vgmop-projected``), the
+baselines run through the same harness (``anomalyclip``, ``anomalyclip-4layers``: AnomalyCLIP's
+object-agnostic prompts and recipe; ``clip-zero-shot``: written prompts, no training), and
 ``tiny`` (a random tiny CLIP for tests and the demo). An ablation preset can be applied on top
 of another base: ``Config.preset("table3-alpha0", base="tiny")``. ``Config.presets()`` lists
 every name. Unknown keys are errors; a config round-trips through JSON.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -37,7 +40,9 @@ class Config:
     global_feature: str = "anomalyclip"
 
     # --- Prompts and VGMoP (spec 2-3) --------------------------------------------------------
-    prompt_mode: str = "vgmop"  # "vgmop" | "static" | "ensemble" (Table 2)
+    # "vgmop" | "static" | "ensemble" (Table 2) | "anomalyclip" (their learnable prompts, pmoe.anomalyclip)
+    # | "fixed_ensemble" (written prompts, pmoe.zero_shot_prompts: nothing to train)
+    prompt_mode: str = "vgmop"
     vgmop_per_layer: bool = True  # False: one VGMoP on the last tap serves all layers (Table 2)
     num_queries: int = 8  # N_q
     num_heads: int = 8  # cross-attention heads
@@ -46,7 +51,7 @@ class Config:
     top_k: int = 4  # k
     normal_len: int = 5  # M_n
     abnormal_len: int = 6  # M_a
-    ctx_len: int = 8  # M_q
+    ctx_len: int = 8  # M_q; with prompt_mode="anomalyclip" their learnable context vectors per state (12)
     ctx_per_layer: bool = False  # [decision] one Q_ctx shared by all layers
     share_pool: bool = False  # Table 5
     share_attention: bool = False  # Table 5
@@ -54,6 +59,10 @@ class Config:
     class_name: str = "object"  # generic class word of the prompt
     use_class_names: bool = False  # put the real class name in the prompt instead
     text_truncation: bool = True  # run the text transformer only up to the last EOT (exact)
+    # AnomalyCLIP's learnable text tokens: sets of deep_prompt_len tokens replace the tokens after
+    # [SOS] before text blocks 2 .. deep_prompt_depth (their --depth 9 --t_n_ctx 4).
+    deep_prompt_depth: int = 9
+    deep_prompt_len: int = 4
     # [decision] VGMoP's visual tokens (Eq. 2): "pre_projection" = F_x^(l) (1024 wide) and the
     # global token before proj; "projected" = the normalised 768-wide features of Eq. 6 and 7.
     vgmop_input: str = "pre_projection"
@@ -71,6 +80,9 @@ class Config:
     focal_gamma: float = 2.0
     dice_smooth: float = 1.0  # [decision]
     seg_loss_on: str = "per_layer"  # [decision] "per_layer" | "combined"
+    # [decision] lam, the weight of L_seg in the total: 1 (AnomalyCLIP's train.py at the commit of
+    # their logs, ff7ca47); their later commit 76b83e1 multiplies the segmentation loss by 4.
+    seg_loss_weight: float = 1.0
 
     # --- Training protocol (spec 6) ----------------------------------------------------------
     epochs: int = 15
@@ -141,6 +153,11 @@ class Config:
 
     # --- derived quantities ------------------------------------------------------------------
     @property
+    def training_free(self) -> bool:
+        """Whether the model has nothing to train (the written prompt ensemble): CLIP weights suffice."""
+        return self.prompt_mode == "fixed_ensemble"
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 
@@ -174,7 +191,7 @@ def _convert(spec: dataclasses.Field, value):
 
 
 CHOICES = {
-    "prompt_mode": ("vgmop", "static", "ensemble"),
+    "prompt_mode": ("vgmop", "static", "ensemble", "anomalyclip", "fixed_ensemble"),
     "abnormal_prompt": ("suffix", "replace"),
     "layer_reduce": ("mean", "sum"),
     "seg_loss_on": ("per_layer", "combined"),
@@ -204,6 +221,27 @@ def _validate(config: Config) -> None:
             "layer_reduce='sum' cannot train with image_score='eq7': M then sums the L layers' probabilities, "
             "so s = (max(M) + p_g) / 2 exceeds 1, where the BCE of L_cls is undefined and gives no gradient. "
             "Use layer_reduce='mean' (the same map up to the factor L) or image_score='global' (s = p_g)."
+        )
+    if config.prompt_mode in ("anomalyclip", "fixed_ensemble") and config.use_class_names:
+        raise ConfigError(f"prompt_mode={config.prompt_mode!r} uses one prompt pair for every class; "
+                          "set use_class_names=false (the class word is class_name).")
+    if config.prompt_mode == "anomalyclip":
+        _validate_deep_prompts(config)
+
+
+def _validate_deep_prompts(config: Config) -> None:
+    """AnomalyCLIP's deep text tokens must fit the text tower and the context."""
+    from pmoe.backbone import text_depth
+
+    blocks = text_depth(config.clip_model)
+    if not 1 <= config.deep_prompt_len <= config.ctx_len:
+        raise ConfigError(f"deep_prompt_len must be between 1 and ctx_len={config.ctx_len} (the deep tokens "
+                          f"replace context vectors), got {config.deep_prompt_len}")
+    if blocks is not None and not 1 <= config.deep_prompt_depth <= blocks:
+        raise ConfigError(
+            f"deep_prompt_depth must be between 1 and {blocks}, the text blocks of {config.clip_model}, got "
+            f"{config.deep_prompt_depth}. Lay the preset over the base of this backbone (e.g. "
+            "Config.preset('anomalyclip', base='tiny'), which maps their depth 9 of 12 onto it) or set it."
         )
 
 
@@ -260,14 +298,34 @@ ABLATIONS = {
     "vgmop-projected": {"vgmop_input": "projected"},
 }
 
+# AnomalyCLIP (Zhou et al., ICLR 2024) through this harness: their prompt learner, their test
+# setting (tau 0.07 for maps and p_g, s = p_g, layer maps summed, sigma 4) and their training recipe
+# (train.py: Adam 1e-3, betas (0.5, 0.999), no warm-up, 15 epochs, batch 8, focal + dice on both
+# states per layer, cross-entropy on p_g, no auxiliary losses). Their logs used maps of layers
+# 6, 12, 18, 24; a later test.sh passes layer 24 alone (results/anomalyclip/README.md).
+ANOMALYCLIP = {
+    "prompt_mode": "anomalyclip", "ctx_len": 12, "deep_prompt_depth": 9, "deep_prompt_len": 4,
+    "tau": 0.07, "tau_global": 0.07, "image_score": "global", "layer_reduce": "sum", "sigma": 4.0,
+    "alpha": 0.0, "beta": 0.0, "seg_loss_on": "per_layer", "lr": 1e-3, "betas": (0.5, 0.999),
+    "warmup_epochs": 0, "epochs": 15, "batch_size": 8,
+}
+ABLATIONS["anomalyclip"] = {**ANOMALYCLIP, "layers": (24,)}
+ABLATIONS["anomalyclip-4layers"] = {**ANOMALYCLIP, "layers": (6, 12, 18, 24)}
+# A training-free detector: the written prompt ensemble; s = p_g at CLIP's own temperature
+# (tau' = 0.01, its logit scale of 100), the maps averaged over the taps as in the paper.
+ABLATIONS["clip-zero-shot"] = {"prompt_mode": "fixed_ensemble", "image_score": "global", "alpha": 0.0, "beta": 0.0}
+
 PRESETS = {**BASES, **ABLATIONS}
+PAPER_TEXT_DEPTH = 12  # text blocks of ViT-L-14-336, where AnomalyCLIP's depth 9 was set
 
 
 def ablation_config(name: str, base: Config) -> Config:
-    """Lay the ablation ``name`` over an existing config, mapping layer sets to its depth.
+    """Lay the ablation ``name`` over an existing config, mapping layer sets and text depth to its backbone.
 
-    Layer-set presets (Table 4) name ViT-L blocks {6,12,18,24}; on a backbone with fewer
-    blocks (the tiny CLIP) they are mapped proportionally onto ``base.layers``.
+    Layer-set presets (Table 4, AnomalyCLIP) name ViT-L blocks {6,12,18,24}; on a backbone with
+    fewer blocks (the tiny CLIP) they are mapped proportionally onto ``base.layers``.
+    AnomalyCLIP's deep-token depth (9 of 12 text blocks) becomes ceil(9 * T / 12) on a text tower
+    of T blocks (pmoe-tiny: 2, one set of deep tokens before block 2).
     """
     if name == "paper":
         return base
@@ -280,4 +338,16 @@ def ablation_config(name: str, base: Config) -> Config:
         if mapping is None:
             raise ConfigError(f"cannot map layer set {overrides['layers']} onto layers {base.layers}")
         overrides["layers"] = tuple(mapping[layer] for layer in overrides["layers"])
+    if "deep_prompt_depth" in overrides:
+        overrides["deep_prompt_depth"] = mapped_text_depth(overrides["deep_prompt_depth"], base.clip_model)
     return base.replace(**overrides)
+
+
+def mapped_text_depth(depth: int, clip_model: str) -> int:
+    """A depth set on ViT-L-14-336's 12 text blocks, scaled to ``clip_model``'s text tower (rounded up)."""
+    from pmoe.backbone import text_depth
+
+    blocks = text_depth(clip_model)
+    if blocks is None or blocks == PAPER_TEXT_DEPTH:
+        return depth
+    return max(1, math.ceil(depth * blocks / PAPER_TEXT_DEPTH))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ def evaluate(run_dir_or_model, dataset: str, data_root, out_dir, *, manifest=Non
              pro_mode: str = "anomalyclip", overlays: int = 0, cache_dir=None, batch_size: int = 16,
              device=None, clip_weights: str | None = None, run_name: str | None = None,
              num_workers: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Evaluate a run directory (or an in-memory PromptMoE) on ``dataset``; returns metrics.csv.
+    """Evaluate a run directory (or an in-memory PromptMoE, or a training-free Config) on ``dataset``;
+    returns metrics.csv.
 
     ``manifest``: a manifest CSV to use instead of building it from ``data_root``;
     ``classes``: a subset of the dataset's classes; ``pro_mode``: ``anomalyclip`` or ``exact``;
@@ -119,7 +121,7 @@ def checkpoint_digest(run_dir_or_model, model) -> str:
     from pmoe.checkpoint import WEIGHTS
     from pmoe.identity import file_sha1, tensors_sha1
 
-    if isinstance(run_dir_or_model, torch.nn.Module):
+    if not is_run_dir(run_dir_or_model):
         return tensors_sha1(model.trainable_state_dict())
     return file_sha1(Path(run_dir_or_model).expanduser() / WEIGHTS)
 
@@ -163,13 +165,18 @@ def read_metrics(path) -> pd.DataFrame:
 
 
 def _train_set(run_dir_or_model):
-    """The training set recorded in a run directory (None for an in-memory model or an old run)."""
+    """The training set recorded in a run directory (None for an in-memory model, a config or an old run)."""
     from pmoe.training import IDENTITY
 
-    if isinstance(run_dir_or_model, torch.nn.Module):
+    if not is_run_dir(run_dir_or_model):
         return None
     path = Path(run_dir_or_model).expanduser() / IDENTITY
     return json.loads(path.read_text()).get("train_set") if path.is_file() else None
+
+
+def is_run_dir(run_dir_or_model) -> bool:
+    """Whether evaluate's first argument names a run directory (not a model or a config)."""
+    return isinstance(run_dir_or_model, (str, os.PathLike))
 
 
 # --- inputs -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Usage::
     out = predict(model, ["a.png", "b.png"], with_images=True)  # score, anomaly_map, image, ...
     infer("runs/mvtec", ["photos/"], "results/photos")            # overlays/ and scores.csv
     infer("runs/mvtec", ["photos/"], "results/photos", save_maps=True, threshold=0.6)  # + maps/, anomalous
+    infer(Config.preset("clip-zero-shot"), ["photos/"], "results/photos")  # training-free: no run directory
 
 On CUDA the frozen image encoder runs under bf16 autocast and matmuls use TF32; the maps and
 scores are computed in fp32 (see :func:`forward_batch`). The CPU path is plain fp32.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pmoe.errors import CheckpointError, DataError, PmoeError
+from pmoe.errors import CheckpointError, ConfigError, DataError, PmoeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 OVERLAY_MAX_SIDE = 1024  # px, long side of an overlay (smaller photos keep their size)
@@ -35,16 +36,26 @@ OVERLAY_MAX_SIDE = 1024  # px, long side of an overlay (smaller photos keep thei
 
 # --- model and device ---------------------------------------------------------------------------
 def load_model(run_dir_or_model, clip_weights: str | None = None, run_name: str | None = None):
-    """(model in eval mode, run name) from a run directory or an in-memory PromptMoE.
+    """(model in eval mode, run name) from a run directory, an in-memory PromptMoE, or the
+    :class:`pmoe.Config` of a training-free model (``Config.training_free``, e.g. preset
+    ``clip-zero-shot``), which is built here with ``clip_weights`` if given.
 
     The run name is the directory's name unless ``run_name`` is given (``"model"`` for an
-    in-memory model without one).
+    in-memory model or a config without one).
     """
     from pmoe.checkpoint import load_run
-    from pmoe.model import PromptMoE
+    from pmoe.config import Config
+    from pmoe.model import PromptMoE, build_model
 
     if isinstance(run_dir_or_model, PromptMoE):
         return run_dir_or_model.eval(), run_name or "model"
+    if isinstance(run_dir_or_model, Config):
+        if not run_dir_or_model.training_free:
+            raise ConfigError(f"prompt_mode {run_dir_or_model.prompt_mode!r} has learnable prompts: train it "
+                              "(pmoe train) and pass its run directory (--checkpoint); only a training-free preset "
+                              "(clip-zero-shot) runs without one.")
+        config = run_dir_or_model.replace(clip_weights=clip_weights) if clip_weights else run_dir_or_model
+        return build_model(config).eval(), run_name or "model"
     run_dir = Path(run_dir_or_model).expanduser()
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist; pass --checkpoint the folder "

@@ -3,8 +3,9 @@
 L_total = BCE(s, c) + L_seg + L_balance + L_decouple (Eq. 8), where L_seg is Focal (gamma 2, over the
 [normal, abnormal] channels against the one-hot mask) + Dice(P_abnormal, m) + Dice(P_normal, 1-m),
 applied to each tapped layer's maps and summed (``seg_loss_on="per_layer"``), or to the
-combined map M (``"combined"``). With ``image_score="global"`` (s = p_g) the BCE is computed
-from p_g's logit, so it keeps its gradient where p_g rounds to 0 or 1 (tau' = 0.01 saturates).
+combined map M (``"combined"``), times ``seg_loss_weight`` (1; AnomalyCLIP's lam). With
+``image_score="global"`` (s = p_g) the BCE is computed from p_g's logit, so it keeps its
+gradient where p_g rounds to 0 or 1 (tau' = 0.01 saturates).
 """
 
 from __future__ import annotations
@@ -76,12 +77,14 @@ def classification_loss(outputs: dict, labels: torch.Tensor, image_score: str) -
 def total_loss(outputs: dict, masks: torch.Tensor, labels: torch.Tensor, *, expert_pools, config) -> dict:
     """Every term of Eq. 8 (``loss`` is their sum): cls, focal, dice, seg, balance, decouple.
 
+    ``seg`` is ``config.seg_loss_weight * (focal + dice)``; ``focal`` and ``dice`` are unweighted.
+
     ``masks``: (B, H, W) or (B, 1, H, W) in {0, 1}; ``labels``: (B,) in {0, 1}.
     """
     masks = masks.reshape(outputs["anomaly_map"].shape).to(outputs["layer_maps"].dtype)
     terms = {"cls": classification_loss(outputs, labels, config.image_score)}
     terms.update(segmentation_losses(outputs["layer_maps"], masks, config))
-    terms["seg"] = terms["focal"] + terms["dice"]
+    terms["seg"] = config.seg_loss_weight * (terms["focal"] + terms["dice"])
     routing = outputs["routing"]
     device = masks.device
     terms["balance"] = balance_loss(routing["probs"], config.alpha) if routing else torch.zeros((), device=device)

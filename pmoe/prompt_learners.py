@@ -5,15 +5,17 @@ batch's :class:`pmoe.backbone.ImageFeatures` (and, when the config puts class na
 prompt, one name per image). It returns :class:`PromptOutput`: the normalised text features
 F_T (B, L, 2, D), one slot per tapped layer, states ordered [normal, abnormal], and the
 routing decisions (a dict of stacked tensors) or None. The model computes maps, scores and
-losses from these alone, so another learner (e.g. AnomalyCLIP's object-agnostic prompts) is
-added by subclassing :class:`PromptLearner` and registering it in ``LEARNERS`` under a new
-``prompt_mode`` value (also listed in ``pmoe.config.CHOICES``); the map, score and loss path
-does not change.
+losses from these alone, so another learner is added by subclassing :class:`PromptLearner`
+and registering it in ``LEARNERS`` under a new ``prompt_mode`` value (also listed in
+``pmoe.config.CHOICES``); the map, score and loss path does not change.
 
 :class:`StatePrompts` is the paper's learner (``prompt_mode="vgmop"``: one VGMoP per tapped
 layer, Eq. 1-3) and the Table 2 baselines (``"static"``, ``"ensemble"``): learnable state
 prompts and the shared context Q_ctx, laid into ``[SOS] S^n (S^a) [class] Q_ctx [EOT]`` and
 encoded by the frozen text tower, all B x slots x 2 prompts in one call.
+:class:`AnomalyCLIPPrompts` (``"anomalyclip"``) is AnomalyCLIP's object-agnostic learner and
+:class:`FixedEnsemblePrompts` (``"fixed_ensemble"``) the training-free written ensemble: both
+give one [normal, abnormal] pair for every image and tapped layer, unrouted.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pmoe.anomalyclip import AnomalyCLIPPromptLearner
 from pmoe.backbone import ImageFeatures
 from pmoe.errors import ConfigError
 from pmoe.text import PromptAssembler, TextEncoder
 from pmoe.vgmop import INIT_STD, STATES, StaticPrompts, VGMoP
+from pmoe.zero_shot_prompts import ensemble_text_features
 
 
 class PromptOutput(NamedTuple):
@@ -157,7 +161,40 @@ class StatePrompts(PromptLearner):
         return text[:, :, :, 0].permute(1, 2, 0, 3)
 
 
-LEARNERS = {"vgmop": StatePrompts, "static": StatePrompts, "ensemble": StatePrompts}
+class AnomalyCLIPPrompts(PromptLearner):
+    """AnomalyCLIP's learnable prompts (:class:`pmoe.anomalyclip.AnomalyCLIPPromptLearner`) for every layer.
+
+    ``ctx_len`` context vectors per state and ``deep_prompt_len`` learnable text tokens before
+    text blocks 2 .. ``deep_prompt_depth``; the same F_T for every image and tap.
+    """
+
+    def __init__(self, config, *, text: TextEncoder, assembler: PromptAssembler, visual_width: int,
+                 embed_width: int):
+        super().__init__()
+        self.layers = config.num_layers
+        self.learner = AnomalyCLIPPromptLearner(text, n_ctx=config.ctx_len, depth=config.deep_prompt_depth,
+                                                deep_len=config.deep_prompt_len, class_name=config.class_name,
+                                                truncate=config.text_truncation)
+
+    def forward(self, image: ImageFeatures, class_names=None) -> PromptOutput:
+        return PromptOutput(self.learner().expand(image.tokens.shape[0], self.layers, -1, -1), None)
+
+
+class FixedEnsemblePrompts(PromptLearner):
+    """The written prompt ensemble (:mod:`pmoe.zero_shot_prompts`), encoded once: nothing to train."""
+
+    def __init__(self, config, *, text: TextEncoder, assembler: PromptAssembler, visual_width: int,
+                 embed_width: int):
+        super().__init__()
+        self.layers = config.num_layers
+        self.register_buffer("pair", ensemble_text_features(text, config.class_name), persistent=False)
+
+    def forward(self, image: ImageFeatures, class_names=None) -> PromptOutput:
+        return PromptOutput(self.pair.expand(image.tokens.shape[0], self.layers, -1, -1), None)
+
+
+LEARNERS = {"vgmop": StatePrompts, "static": StatePrompts, "ensemble": StatePrompts,
+            "anomalyclip": AnomalyCLIPPrompts, "fixed_ensemble": FixedEnsemblePrompts}
 
 
 def build_prompt_learner(config, **frozen_parts) -> PromptLearner:

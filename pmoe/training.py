@@ -71,6 +71,9 @@ def train(config, train_set, data_root, out_dir, *, manifest=None, epochs=None, 
     With ``resume`` a finished run is kept and an interrupted one continued, but only when its
     config and :func:`pmoe.identity.run_identity` (data, package version) equal the request.
     """
+    if config.training_free:
+        raise ConfigError(f"prompt_mode {config.prompt_mode!r} (preset clip-zero-shot) has nothing to train: it "
+                          "needs only CLIP weights. Run it directly: pmoe evaluate/infer --preset clip-zero-shot.")
     overrides = {"epochs": epochs, "batch_size": batch_size, "seed": seed}
     config = config.replace(**{key: value for key, value in overrides.items() if value is not None})
     device = pick_device(device)

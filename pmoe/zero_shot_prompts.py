@@ -8,7 +8,9 @@ Usage::
 Each state is described by short phrases around the object word, and each phrase is placed in
 every sentence template (the prompt-ensemble idea of WinCLIP). The frozen text tower encodes
 every sentence; the unit-norm features of a state are averaged and normalised again, giving
-one feature per state, F_T = [normal, abnormal], that needs no training.
+one feature per state, F_T = [normal, abnormal], that needs no training. The model uses them
+with ``prompt_mode="fixed_ensemble"`` (preset ``clip-zero-shot``, see
+:class:`pmoe.prompt_learners.FixedEnsemblePrompts`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pmoe.text import TextEncoder
 
 NORMAL_STATES = (
     "{}",
@@ -62,11 +66,16 @@ def state_sentences(class_name: str = "object") -> tuple:
 
 
 def ensemble_text_features(clip: nn.Module, class_name: str = "object") -> torch.Tensor:
-    """Normalised per-state mean of the normalised sentence features, (2, D_embed) = [normal, abnormal]."""
-    device = clip.token_embedding.weight.device
+    """Normalised per-state mean of the normalised sentence features, (2, D_embed) = [normal, abnormal].
+
+    ``clip``: the frozen text tower, as an open_clip CLIP or a :class:`pmoe.text.TextEncoder`.
+    """
+    encoder = clip if isinstance(clip, TextEncoder) else TextEncoder(clip)
+    device = encoder.token_embedding.weight.device
     features = []
     with torch.no_grad():
         for sentences in state_sentences(class_name):
-            tokens = open_clip.tokenize(sentences, context_length=clip.context_length).to(device)
-            features.append(clip.encode_text(tokens, normalize=True).mean(dim=0))
+            tokens = open_clip.tokenize(sentences, context_length=encoder.context_length).to(device)
+            encoded = encoder(encoder.token_embedding(tokens), tokens.argmax(dim=-1))
+            features.append(encoded.mean(dim=0))
     return F.normalize(torch.stack(features), dim=-1)

@@ -1,7 +1,8 @@
 """Slow, obviously correct model references written out from the definitions, for the model tests.
 
 None of them calls pmoe: the AnomalyCLIP image forward (ordinary and V-V streams) with the
-attention written head by head, a bilinear resize written from the align_corners=False
+attention written head by head, their text path with deep tokens and a prompt_learner state
+dict laid out as their train.py saves it, a bilinear resize written from the align_corners=False
 formula, and the trainable-parameter count derived from a config.
 """
 
@@ -10,7 +11,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import open_clip
 import torch
+
+N_CTX, DEPTH, DEEP_LEN = 12, 9, 4  # AnomalyCLIP's setting (test.sh: --n_ctx 12 --depth 9 --t_n_ctx 4)
 
 
 def attention_heads(x, block, use_values_only: bool):
@@ -89,3 +93,44 @@ def trainable_parameters(config, token_width: int, text_width: int) -> int:
     router = d * hidden + hidden + hidden * experts + experts
     pools = experts * (config.normal_len + config.abnormal_len) * d
     return config.num_layers * (2 * attention + 2 * router + pools) + config.ctx_len * d
+
+
+def their_texts(class_name="object"):
+    """Their two prompt texts: one "X" per learnable context vector, then the (damaged) object."""
+    placeholders = " ".join(["X"] * N_CTX)
+    return [f"{placeholders} {class_name}.", f"{placeholders} damaged {class_name}."]
+
+
+def reference_features(clip, prefix, context, suffix, deep, token_ids):
+    """Their text path written out on the full 77 tokens: no insertion before block 1, then
+    deep set ``counter`` overwrites positions 1..len before each following block while sets last."""
+    x = torch.cat([prefix, context, suffix], dim=1) + clip.positional_embedding
+    counter = 0
+    for layer, block in enumerate(clip.transformer.resblocks):
+        if layer > 0 and counter < len(deep):
+            x = x.clone()
+            x[:, 1:1 + deep[counter].shape[0]] = deep[counter]
+            counter += 1
+        x = block(x, attn_mask=clip.attn_mask)
+    x = clip.ln_final(x)
+    pooled = x[torch.arange(x.shape[0]), token_ids.argmax(dim=-1)] @ clip.text_projection
+    return pooled / pooled.norm(dim=-1, keepdim=True)
+
+
+def their_state(clip, width=64, depth=DEPTH, dtype=torch.float32, seed=0):
+    """A prompt_learner state dict as their train.py saves it, with random learnable tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = open_clip.tokenize(their_texts()).to(torch.int32)
+    with torch.no_grad():
+        embedded = clip.token_embedding(tokens.long())
+    state = {}
+    for row, name in enumerate(["pos", "neg"]):
+        state[f"ctx_{name}"] = torch.randn(1, 1, N_CTX, width, generator=generator)
+        state[f"token_prefix_{name}"] = embedded[row, :1][None, None].clone()
+        state[f"token_suffix_{name}"] = embedded[row, 1 + N_CTX:][None, None].clone()
+        state[f"tokenized_prompts_{name}"] = tokens[row][None, None].clone()
+    for index in range(depth - 1):
+        state[f"compound_prompts_text.{index}"] = torch.randn(DEEP_LEN, width, generator=generator)
+        state[f"compound_prompt_projections.{index}.weight"] = torch.randn(896, width, generator=generator)
+        state[f"compound_prompt_projections.{index}.bias"] = torch.randn(896, generator=generator)
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}

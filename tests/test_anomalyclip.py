@@ -11,41 +11,21 @@ import torch.nn.functional as F
 
 import pmoe
 from pmoe import paper
-from pmoe.anomalyclip import AnomalyCLIPPromptLearner, checkpoint_shapes, load_checkpoint, load_published
+from pmoe.anomalyclip import (AnomalyCLIPPromptLearner, checkpoint_shapes, load_checkpoint, load_published,
+                              save_checkpoint)
 from pmoe.backbone import load_clip
 from pmoe.data.registry import DATASETS
 from pmoe.errors import CheckpointError, ConfigError, DataError
 from pmoe.tables import METRIC_LABELS
 from pmoe.zero_shot_prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES, ensemble_text_features, state_sentences
+from reference_model import DEPTH, N_CTX, reference_features, their_state, their_texts
 
 TINY_DEEP = pmoe.Config.preset("tiny").replace(clip_model="pmoe-tiny-deep")  # 12 text layers, width 64
-N_CTX, DEPTH, DEEP_LEN = 12, 9, 4  # their setting (test.sh: --n_ctx 12 --depth 9 --t_n_ctx 4)
 
 
 @pytest.fixture(scope="module")
 def clip():
     return load_clip(TINY_DEEP)
-
-
-def their_texts(class_name="object"):
-    placeholders = " ".join(["X"] * N_CTX)
-    return [f"{placeholders} {class_name}.", f"{placeholders} damaged {class_name}."]
-
-
-def reference_features(clip, prefix, context, suffix, deep, token_ids):
-    """Their text path written out on the full 77 tokens: no insertion before block 1, then
-    deep set ``counter`` overwrites positions 1..len before each following block while sets last."""
-    x = torch.cat([prefix, context, suffix], dim=1) + clip.positional_embedding
-    counter = 0
-    for layer, block in enumerate(clip.transformer.resblocks):
-        if layer > 0 and counter < len(deep):
-            x = x.clone()
-            x[:, 1:1 + deep[counter].shape[0]] = deep[counter]
-            counter += 1
-        x = block(x, attn_mask=clip.attn_mask)
-    x = clip.ln_final(x)
-    pooled = x[torch.arange(x.shape[0]), token_ids.argmax(dim=-1)] @ clip.text_projection
-    return pooled / pooled.norm(dim=-1, keepdim=True)
 
 
 def randomised(learner, seed=0):
@@ -109,25 +89,6 @@ def test_settings_the_text_tower_cannot_hold_are_refused(clip, settings):
 
 # --- their checkpoint format -------------------------------------------------------------------
 
-def their_state(clip, width=64, depth=DEPTH, dtype=torch.float32, seed=0):
-    """A prompt_learner state dict as their train.py saves it, with random learnable tensors."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = open_clip.tokenize(their_texts()).to(torch.int32)
-    with torch.no_grad():
-        embedded = clip.token_embedding(tokens.long())
-    state = {}
-    for row, name in enumerate(["pos", "neg"]):
-        state[f"ctx_{name}"] = torch.randn(1, 1, N_CTX, width, generator=generator)
-        state[f"token_prefix_{name}"] = embedded[row, :1][None, None].clone()
-        state[f"token_suffix_{name}"] = embedded[row, 1 + N_CTX:][None, None].clone()
-        state[f"tokenized_prompts_{name}"] = tokens[row][None, None].clone()
-    for index in range(depth - 1):
-        state[f"compound_prompts_text.{index}"] = torch.randn(DEEP_LEN, width, generator=generator)
-        state[f"compound_prompt_projections.{index}.weight"] = torch.randn(896, width, generator=generator)
-        state[f"compound_prompt_projections.{index}.bias"] = torch.randn(896, generator=generator)
-    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
-
-
 def save(content, path):
     torch.save(content, path)
     return path
@@ -149,6 +110,27 @@ def test_their_checkpoint_gives_the_features_of_its_saved_tensors(clip, tmp_path
         ours = learner()
     assert torch.equal(learner.normal_context, saved["ctx_pos"][0, 0])
     assert torch.allclose(ours, reference, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_writer_lays_out_their_format_and_reads_back(clip, tmp_path, dtype):
+    learner = randomised(AnomalyCLIPPromptLearner(clip))
+    path = save_checkpoint(learner, tmp_path / "9_12_4_multiscale" / "epoch_15.pth", dtype=dtype)
+    state = torch.load(path, weights_only=True)["prompt_learner"]
+    theirs = their_state(clip)  # their layout, written independently of pmoe
+    assert {key: tuple(value.shape) for key, value in state.items()} == \
+        {key: tuple(value.shape) for key, value in theirs.items()}
+    assert all(value.dtype == (dtype if theirs[key].is_floating_point() else torch.int32)
+               for key, value in state.items())
+    for key in ("tokenized_prompts_pos", "tokenized_prompts_neg"):
+        assert torch.equal(state[key], theirs[key])
+    for key in ("token_prefix_pos", "token_suffix_pos", "token_prefix_neg", "token_suffix_neg"):
+        assert torch.equal(state[key], theirs[key].to(dtype))
+    assert torch.equal(state["ctx_neg"][0, 0], learner.abnormal_context.detach().to(dtype))
+    assert torch.equal(state["compound_prompts_text.7"], learner.deep_tokens[7].detach().to(dtype))
+    reread = load_checkpoint(AnomalyCLIPPromptLearner(clip), path)
+    with torch.no_grad():
+        assert torch.allclose(reread(), learner(), atol=1e-6 if dtype == torch.float32 else 2e-3)
 
 
 def test_the_vit_l_checkpoint_keys_and_shapes():

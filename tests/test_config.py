@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pmoe import Config
-from pmoe.config import ABLATIONS, BASES
+from pmoe.config import ABLATIONS, BASES, ablation_config
 from pmoe.errors import ConfigError
 
 
@@ -81,3 +81,37 @@ def test_unknown_names_and_keys_are_errors_that_suggest_the_fix():
         Config().replace(layer_reduce="max")
     with pytest.raises(ConfigError, match="does not exist"):
         Config.load("/nonexistent/config.json")
+
+
+def test_anomalyclip_presets_carry_their_test_setting_and_recipe():
+    for name, layers in (("anomalyclip", (24,)), ("anomalyclip-4layers", (6, 12, 18, 24))):
+        c = Config.preset(name)
+        assert (c.prompt_mode, c.layers, c.ctx_len, c.deep_prompt_depth, c.deep_prompt_len) == (
+            "anomalyclip", layers, 12, 9, 4)
+        assert (c.tau, c.tau_global, c.image_score, c.layer_reduce, c.sigma, c.global_feature) == (
+            0.07, 0.07, "global", "sum", 4.0, "anomalyclip")
+        assert (c.lr, c.betas, c.warmup_epochs, c.epochs, c.batch_size, c.alpha, c.beta, c.seg_loss_weight) == (
+            1e-3, (0.5, 0.999), 0, 15, 8, 0.0, 0.0, 1.0)
+        assert (c.vv_attention, c.vv_start, c.seg_loss_on) == (True, 6, "per_layer")
+
+
+def test_anomalyclip_presets_map_layers_and_text_depth_onto_the_tiny_clip():
+    """pmoe-tiny has 4 vision and 2 text blocks: their depth 9 of 12 becomes ceil(9 * 2 / 12) = 2."""
+    assert Config.preset("anomalyclip", base="tiny").layers == (4,)
+    assert Config.preset("anomalyclip-4layers", base="tiny").layers == (1, 2, 3, 4)
+    assert Config.preset("anomalyclip", base="demo").deep_prompt_depth == 2
+    deep = Config.preset("tiny").replace(clip_model="pmoe-tiny-deep")  # 12 text blocks, as ViT-L
+    assert ablation_config("anomalyclip", deep).deep_prompt_depth == 9
+    with pytest.raises(ConfigError, match="deep_prompt_depth must be between 1 and 2, the text blocks of pmoe-tiny"):
+        Config.preset("tiny").replace(prompt_mode="anomalyclip")
+    with pytest.raises(ConfigError, match="deep_prompt_len must be between 1 and ctx_len=8"):
+        Config.preset("tiny").replace(prompt_mode="anomalyclip", deep_prompt_depth=2, deep_prompt_len=9)
+    with pytest.raises(ConfigError, match="set use_class_names=false"):
+        Config.preset("anomalyclip").replace(use_class_names=True)
+
+
+def test_the_training_free_preset():
+    c = Config.preset("clip-zero-shot")
+    assert c.training_free and not Config().training_free
+    assert (c.prompt_mode, c.image_score, c.tau_global, c.layer_reduce, c.layers) == (
+        "fixed_ensemble", "global", 0.01, "mean", (6, 12, 18, 24))

@@ -25,3 +25,18 @@ def add_device_options(parser, batch_size: int | None, workers_help: str = "data
     parser.add_argument("--workers", type=int, default=0, help=f"{workers_help} (default 0)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU, else the CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_model_options(parser) -> None:
+    """--checkpoint RUN_DIR, or --preset NAME (and --base) for a training-free model."""
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="run directory written by `pmoe train` or `pmoe import-anomalyclip`")
+    model.add_argument("--preset", help="a training-free preset instead of a run (clip-zero-shot: CLIP weights only)")
+    parser.add_argument("--base", default="paper", help="base preset --preset is laid over (paper, tiny, demo)")
+
+
+def model_source(args):
+    """The run directory, or the Config of the training-free preset, the options name."""
+    from pmoe.config import Config
+
+    return args.checkpoint if args.checkpoint else Config.preset(args.preset, base=args.base)

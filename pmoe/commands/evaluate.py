@@ -1,4 +1,4 @@
-"""Evaluate a trained run zero-shot on a dataset: metrics.csv, scores.csv, routing.csv.
+"""Evaluate a trained run (or a training-free preset) zero-shot on a dataset: metrics.csv, scores.csv, routing.csv.
 
 Metrics follow the dataset's kind (image, pixel or both), per class and as the unweighted
 class mean the paper reports, in percent; an undefined metric is NaN with its reason. Frozen
@@ -9,17 +9,21 @@ Usage:
     pmoe evaluate --checkpoint runs/mvtec --dataset synthetic-b --data-root data/synthetic-b \
         --out results/synthetic-b --classes ring tablet --overlays 4 --pro-mode exact
     torchrun --nproc_per_node 4 -m pmoe.cli evaluate --checkpoint runs/mvtec --dataset visa ...
+    pmoe evaluate --preset clip-zero-shot --clip-weights W --dataset visa --data-root /data/VisA --out results/zs
+
+A training-free preset (clip-zero-shot) needs no run directory: pass --preset instead of
+--checkpoint; the run column of metrics.csv is then the preset's name.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pmoe.commands._options import add_cache_options, add_device_options, cache_dir
+from pmoe.commands._options import add_cache_options, add_device_options, add_model_options, cache_dir, model_source
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="run directory written by `pmoe train`")
+    add_model_options(parser)
     parser.add_argument("--dataset", required=True, help="dataset name (mvtec, visa, ..., synthetic-b)")
     parser.add_argument("--data-root", required=True, help="folder the dataset was extracted to")
     parser.add_argument("--out", required=True, help="output folder for the CSVs and overlays")
@@ -32,7 +36,8 @@ def add_arguments(parser) -> None:
     add_cache_options(parser)
     add_device_options(parser, batch_size=16)
     parser.add_argument("--clip-weights", help="where the frozen CLIP weights come from (e.g. a local file)")
-    parser.add_argument("--run-name", help="the run column of metrics.csv (default: the run folder's name)")
+    parser.add_argument("--run-name", help="the run column of metrics.csv (default: the run folder's name, "
+                                           "or the preset's)")
 
 
 def run(args) -> int:
@@ -43,10 +48,10 @@ def run(args) -> int:
 
     try:
         metrics = evaluate(
-            args.checkpoint, args.dataset, args.data_root, args.out, manifest=args.manifest,
+            model_source(args), args.dataset, args.data_root, args.out, manifest=args.manifest,
             classes=args.classes, pro_mode=args.pro_mode, overlays=args.overlays, cache_dir=cache_dir(args),
             batch_size=args.batch_size, device=args.device, clip_weights=args.clip_weights,
-            run_name=args.run_name, num_workers=args.workers, progress=not args.quiet,
+            run_name=args.run_name or args.preset, num_workers=args.workers, progress=not args.quiet,
         )
         if is_main_process():
             print(summary(metrics, Path(args.out), args.overlays))

@@ -1,4 +1,4 @@
-"""Score images with a trained run: a heat-map overlay per image and scores.csv (no manifest).
+"""Score images with a trained run or a training-free preset: an overlay per image and scores.csv.
 
 Takes image files and folders (png, jpg, jpeg, bmp, tif, tiff in any letter case; other files
 are skipped with a note, hidden files such as .DS_Store and AppleDouble ._* files are ignored).
@@ -19,11 +19,12 @@ Usage:
     pmoe infer --checkpoint runs/mvtec photos/ extra.jpg --out results/photos
     pmoe infer --checkpoint runs/mvtec photos/ --out results/photos --threshold 0.6 --save-maps
     pmoe infer --checkpoint runs/mvtec data/ --recursive --out results/all --device cuda
+    pmoe infer --preset clip-zero-shot --clip-weights W photos/ --out results/photos   # training-free
 """
 
 from __future__ import annotations
 
-from pmoe.commands._options import add_device_options
+from pmoe.commands._options import add_device_options, add_model_options, model_source
 
 FLAGGED_SHOWN = 20  # flagged images named in the summary; scores.csv lists all
 OVERLAY_MAX_SIDE = 1024  # pmoe.inference.OVERLAY_MAX_SIDE, repeated so that --help does not import torch
@@ -31,7 +32,7 @@ OVERLAY_MAX_SIDE = 1024  # pmoe.inference.OVERLAY_MAX_SIDE, repeated so that --h
 
 def add_arguments(parser) -> None:
     parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders of images")
-    parser.add_argument("--checkpoint", required=True, help="run directory written by `pmoe train`")
+    add_model_options(parser)
     parser.add_argument("--out", required=True, help="output folder (overlays/, scores.csv, maps/)")
     parser.add_argument("--recursive", action="store_true", help="also search the sub-folders of folders")
     parser.add_argument("--threshold", type=float, metavar="T",
@@ -44,7 +45,8 @@ def add_arguments(parser) -> None:
     add_device_options(parser, batch_size=8, workers_help="image-decoding worker processes")
     parser.add_argument("--clip-weights",
                         help="where the frozen CLIP weights come from: a local file (OpenAI's .pt, or an open_clip "
-                             "state dict .pt/.bin/.safetensors) or 'openai'; default: as the run was trained")
+                             "state dict .pt/.bin/.safetensors) or 'openai'; default: as the run was trained, "
+                             "or the preset's")
     parser.add_argument("--class-name", help="class word for the prompt, for runs trained with class names")
 
 
@@ -54,7 +56,7 @@ def run(args) -> int:
 
     from pmoe.inference import infer
 
-    result = infer(args.checkpoint, args.paths, args.out, recursive=args.recursive,
+    result = infer(model_source(args), args.paths, args.out, recursive=args.recursive,
                    batch_size=args.batch_size, device=args.device, clip_weights=args.clip_weights,
                    class_name=args.class_name, num_workers=args.workers, progress=not args.quiet,
                    overlay_max_side=args.overlay_max_side, save_maps=args.save_maps, threshold=args.threshold)
