@@ -119,9 +119,11 @@ def host_available_bytes() -> int:
 
 
 def free_memory(device) -> int:
-    """Bytes free for new tensors on ``device``: the GPU's free memory, or this process's share of
-    the host's available memory (split between the processes of a torchrun launch on this machine)."""
+    """Bytes free for new tensors on ``device``: the GPU's free memory with the blocks torch has
+    cached but not allocated (it frees them for a new tensor that needs them), or this process's
+    share of the host's available memory (split between the processes of a torchrun launch)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     return host_available_bytes() // local_processes()

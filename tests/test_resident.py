@@ -127,6 +127,13 @@ def test_host_memory_is_shared_by_the_local_processes(monkeypatch):
     assert runtime.free_memory("cpu") == 4 * GiB
 
 
+def test_gpu_memory_counts_the_blocks_torch_cached_but_does_not_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * GiB)  # a finished run's cache
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5 * GiB)
+    assert runtime.free_memory("cuda:0") == (10 + 30 - 5) * GiB
+
+
 @pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="no /proc/meminfo on this OS")
 def test_host_available_bytes_is_the_kernels_memavailable():
     expected = int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
