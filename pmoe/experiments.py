@@ -266,7 +266,8 @@ def run_ablations(preset: str, variants, targets, data_root, out_dir, clip_weigh
     columns = [*METRIC_COLUMNS, "train_set", "seed"]
     found = [frames[job] for job in jobs if job in frames]
     metrics = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=columns)
-    failures = [{"variant": job[0], "target": job[1], "seed": job[2], "error": errors[job]} for job in jobs if job in errors]
+    failures = [{"variant": job[0], "target": job[1], "seed": job[2], "error": errors[job]}
+                for job in jobs if job in errors]
     return metrics, pd.DataFrame(failures, columns=["variant", "target", "seed", "error"])
 
 

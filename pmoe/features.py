@@ -12,7 +12,8 @@ the encoder's settings. They are stored as fp16 ``.npy`` files, one per image, u
 a fingerprint of the code that computes them (encoder and preprocessing source, open_clip and
 torch versions), so a change to any of them is a miss, never a stale hit. ``address`` hashes
 the image file's bytes and its crop, so a renamed or moved file is still found and an edited
-one is recomputed. Files are written atomically and read back memory-mapped.
+one is recomputed. Files are written atomically and read back memory-mapped (runs that read them
+repeatedly hold them in memory instead, :mod:`pmoe.resident`).
 
 An entry holds the taps of :func:`stored_layers`: the config's layers and the quarter blocks
 of the encoder (6, 12, 18, 24 on ViT-L). Every layer set of Table 4 is a subset, so those
@@ -307,7 +308,8 @@ class FeatureCache:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         share = missing[rank::world]
         images = Images(dataset, [index for _, index in share])
-        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=data_workers(num_workers, device),
+        loader = torch.utils.data.DataLoader(images, batch_size=batch_size,
+                                             num_workers=data_workers(num_workers, device),
                                              pin_memory=torch.device(device).type == "cuda")
         files = iter(file for file, _ in share)
         layers = stored_layers(self.config)

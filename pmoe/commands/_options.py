@@ -28,7 +28,8 @@ def add_device_options(parser, batch_size: int | None, workers_help: str = "data
         parser.add_argument("--batch-size", type=int, default=batch_size,
                             help=f"images per forward pass (default {batch_size})")
     default = "on a GPU one per CPU core less one, at most 16; 0 on the CPU" if auto_workers else "0"
-    parser.add_argument("--workers", type=int, default=None if auto_workers else 0, help=f"{workers_help} (default: {default})")
+    parser.add_argument("--workers", type=int, default=None if auto_workers else 0,
+                        help=f"{workers_help} (default: {default})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU, else the CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
