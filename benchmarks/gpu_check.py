@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 import tempfile
@@ -248,9 +249,16 @@ def metrics_section(device, mode) -> dict:
     on_device = class_metrics(*tensors)
     synchronize(device)
     device_s = time.perf_counter() - start
-    difference = max(abs(on_device[name].value - on_cpu[name].value) for name in on_cpu)
+    difference = max(metric_difference(on_device[name].value, on_cpu[name].value) for name in on_cpu)
     return {"images": count, "size": size, "device_s": device_s, "cpu_s": cpu_s, "max_difference": difference,
             "ok": difference <= METRIC_TOLERANCE}
+
+
+def metric_difference(first: float, second: float) -> float:
+    """|first - second|; 0 when both are undefined (NaN), infinite when only one is."""
+    if math.isnan(first) or math.isnan(second):
+        return 0.0 if math.isnan(first) and math.isnan(second) else math.inf
+    return abs(first - second)
 
 
 def rates_of(table: dict) -> Rates:
