@@ -99,17 +99,18 @@ def run_config(run_dir) -> Config:
     return Config.load(path)
 
 
-def load_run(run_dir, clip_weights: str | None = None, weights_file: str = WEIGHTS):
+def load_run(run_dir, clip_weights: str | None = None, weights_file: str = WEIGHTS, clip=None):
     """Rebuild the model of a run directory and load its trained weights.
 
     ``clip_weights`` overrides where the frozen CLIP comes from (e.g. a local file on a
-    machine without network access); the architecture stays the run's.
+    machine without network access); the architecture stays the run's. ``clip``: a loaded
+    frozen CLIP of that architecture and those weights to share instead of loading another.
     """
     from pmoe.model import build_model
 
     config = run_config(run_dir)
     if clip_weights is not None:
         config = config.replace(clip_weights=clip_weights)
-    model = build_model(config)
+    model = build_model(config, clip)
     load_weights(model, Path(run_dir) / weights_file)
     return model.eval()

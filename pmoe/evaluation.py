@@ -2,10 +2,12 @@
 
 Usage::
 
-    from pmoe.evaluation import evaluate
+    from pmoe.evaluation import evaluate, evaluate_runs
     metrics = evaluate("runs/mvtec", "visa", "/data/VisA", "results/visa")
     # or: pmoe evaluate --checkpoint runs/mvtec --dataset visa --data-root /data/VisA --out results/visa
     # several GPUs: torchrun --nproc_per_node 4 -m pmoe.cli evaluate ... (same files, same numbers)
+    frames = evaluate_runs([("runs/a", "results/a/visa", "a"), ("runs/b", "results/b/visa", "b")],
+                           "visa", "/data/VisA", cache_dir="~/.cache/pmoe/features")
 
 Writes, atomically, under ``out_dir``:
 
@@ -24,6 +26,12 @@ the config's image size, Gaussian-smoothed (eval mode). Only one class's maps ar
 a time, and none for image-only datasets. Under ``torchrun`` every process scores a
 deterministic shard of each class (whole batches dealt round-robin); the main process gathers
 them in manifest order, computes the metrics and writes the files.
+
+:func:`evaluate_runs` evaluates several runs on one dataset in one pass (the ablation tables):
+runs whose evaluation folder is current (its key matches) are read back; the others share one
+frozen CLIP, and each class's cached features are read once, held in memory
+(:mod:`pmoe.resident`), and scored by every run in turn. Each run's folder, files and key are
+the same as from its own :func:`evaluate`.
 """
 
 from __future__ import annotations
@@ -54,23 +62,99 @@ OUTPUTS = ("metrics.csv", "scores.csv", "routing.csv")
 def evaluate(run_dir_or_model, dataset: str, data_root, out_dir, *, manifest=None, classes=None,
              pro_mode: str = "anomalyclip", overlays: int = 0, cache_dir=None, batch_size: int = 16,
              device=None, clip_weights: str | None = None, run_name: str | None = None,
-             num_workers: int = 0, progress: bool = True) -> pd.DataFrame:
+             num_workers=None, progress: bool = True) -> pd.DataFrame:
     """Evaluate a run directory (or an in-memory PromptMoE, or a training-free Config) on ``dataset``;
     returns metrics.csv.
 
     ``manifest``: a manifest CSV to use instead of building it from ``data_root``;
     ``classes``: a subset of the dataset's classes; ``pro_mode``: ``anomalyclip`` or ``exact``;
     ``overlays``: heat-map overlays of the N highest and N lowest scoring images per class;
-    ``cache_dir``: the frozen-feature cache (``None``: compute features on the fly).
+    ``cache_dir``: the frozen-feature cache (``None``: compute features on the fly);
+    ``num_workers``: data-loading processes (None: :func:`pmoe.runtime.data_workers`).
     An in-memory model is put in eval mode and moved to ``device``. Every process of a
     torchrun launch returns the same frame.
     """
-    from tqdm.auto import tqdm
+    info, frame, selected = _inputs(dataset, data_root, manifest, classes, pro_mode, overlays, batch_size)
+    model, run = load_model(run_dir_or_model, clip_weights, run_name)
+    key = evaluation_key(model.config, checkpoint_digest(run_dir_or_model, model), info.name, frame,
+                         classes, pro_mode, overlays)
+    job = Evaluation(model, run, key, Path(out_dir), _train_set(run_dir_or_model))
+    device = prepare_device(model, device)
+    task = _task(info, data_root, device, cache_dir, model.config, batch_size, num_workers, progress)
+    return _evaluate_together(task, [job], frame, selected, pro_mode, overlays, data_root, manifest)[0]
 
+
+def evaluate_runs(runs, dataset: str, data_root, *, manifest=None, classes=None, pro_mode: str = "anomalyclip",
+                  overlays: int = 0, cache_dir=None, batch_size: int = 16, device=None,
+                  clip_weights: str | None = None, num_workers=None, progress: bool = True) -> list:
+    """Evaluate several runs on ``dataset`` in one pass; one metrics frame per run, in order.
+
+    ``runs``: ``(run_dir, out_dir, run_name)`` triples. A run whose ``out_dir`` holds a current
+    evaluation (:func:`current_metrics`) is read back; the others are evaluated together (see
+    the module docstring) and write exactly what :func:`evaluate` with the same options writes.
+    The other arguments are :func:`evaluate`'s.
+    """
+    from pmoe.checkpoint import WEIGHTS, run_config
+    from pmoe.features import feature_key
+    from pmoe.identity import file_sha1
+
+    info, frame, selected = _inputs(dataset, data_root, manifest, classes, pro_mode, overlays, batch_size)
+    configs = [run_config(run) for run, _, _ in runs]
+    if clip_weights is not None:
+        configs = [config.replace(clip_weights=clip_weights) for config in configs]
+    keys = [evaluation_key(config, file_sha1(Path(run) / WEIGHTS), info.name, frame, classes, pro_mode, overlays)
+            for config, (run, _, _) in zip(configs, runs)]
+    frames = [current_metrics(out_dir, key) for (_, out_dir, _), key in zip(runs, keys)]
+    pending = [index for index, metrics in enumerate(frames) if metrics is None]
+    models = load_runs([runs[index][0] for index in pending], clip_weights)
+    jobs = {index: Evaluation(model, runs[index][2], keys[index], Path(runs[index][1]), _train_set(runs[index][0]))
+            for index, model in zip(pending, models)}
+    device = [prepare_device(model, device) for model in models][-1] if models else None
+    groups = {}
+    for index, job in jobs.items():  # runs that read the same features (and masks) go together
+        groups.setdefault((feature_key(job.model.config, device), job.model.config.mask_rule), []).append(index)
+    for indices in groups.values():
+        config = jobs[indices[0]].model.config
+        task = _task(info, data_root, device, cache_dir, config, batch_size, num_workers, progress)
+        computed = _evaluate_together(task, [jobs[index] for index in indices], frame, selected, pro_mode,
+                                      overlays, data_root, manifest)
+        for index, metrics in zip(indices, computed):
+            frames[index] = metrics
+    return frames
+
+
+def load_runs(run_dirs, clip_weights: str | None = None) -> list:
+    """The models of several run directories (eval mode); runs on the same frozen CLIP
+    (architecture, weights, activation) share one copy of it."""
+    from pmoe.backbone import load_clip
+    from pmoe.checkpoint import load_run, run_config
+
+    clips, models = {}, []
+    for run in run_dirs:
+        config = run_config(run)
+        config = config.replace(clip_weights=clip_weights) if clip_weights is not None else config
+        frozen = (config.clip_model, config.clip_weights, config.quick_gelu)
+        if frozen not in clips:
+            clips[frozen] = load_clip(config)
+        models.append(load_run(run, clip_weights, clip=clips[frozen]))
+    return models
+
+
+@dataclass
+class Evaluation:
+    """One model's evaluation: the model, its run name, reuse key, output folder and training set."""
+
+    model: torch.nn.Module
+    run: str
+    key: dict
+    out_dir: Path
+    train_set: str | None
+
+
+def _inputs(dataset, data_root, manifest, classes, pro_mode, overlays, batch_size) -> tuple:
+    """(dataset info, manifest frame, selected classes), with the options checked."""
     from pmoe.data import dataset_info
-    from pmoe.features import FeatureCache
     from pmoe.metrics import PRO_MODES
-    from pmoe.runtime import init_distributed
 
     info = dataset_info(dataset)
     if pro_mode not in PRO_MODES:
@@ -78,23 +162,48 @@ def evaluate(run_dir_or_model, dataset: str, data_root, out_dir, *, manifest=Non
     if overlays < 0 or batch_size < 1:
         raise ConfigError("overlays must be >= 0 and batch_size >= 1")
     frame = _manifest(info, data_root, manifest)
-    selected = _classes(frame, info, classes)
-    model, run = load_model(run_dir_or_model, clip_weights, run_name)
-    key = evaluation_key(model.config, checkpoint_digest(run_dir_or_model, model), info.name, frame,
-                         classes, pro_mode, overlays)
-    device = prepare_device(model, device)
+    return info, frame, _classes(frame, info, classes)
+
+
+def _task(info, data_root, device, cache_dir, config, batch_size, num_workers, progress) -> "Task":
+    """The settings one pass shares, with the torchrun layout (the process group starts here)."""
+    from pmoe.features import FeatureCache
+    from pmoe.runtime import init_distributed
+
     rank, world = init_distributed(device)
-    task = Task(model=model, info=info, root=Path(data_root).expanduser(), device=device,
-                cache=FeatureCache(cache_dir, model.config), batch_size=batch_size, num_workers=num_workers,
-                rank=rank, world=world, progress=progress and rank == 0)
-    results = [task.evaluate_class(frame[frame["cls"] == cls].reset_index(drop=True), pro_mode, overlays,
-                                   Path(out_dir))
-               for cls in tqdm(selected, desc=f"evaluating {info.name}", unit="class", disable=not task.progress)]
-    metrics = None
-    if rank == 0:
-        metrics = _write_outputs(results, run, info.name, Path(out_dir), model.config)
-        _write_settings(Path(out_dir), run, key, data_root, manifest, selected, _train_set(run_dir_or_model))
-    return _shared(metrics, world)
+    return Task(info=info, root=Path(data_root).expanduser(), device=device, cache=FeatureCache(cache_dir, config),
+                batch_size=batch_size, num_workers=num_workers, rank=rank, world=world,
+                progress=progress and rank == 0)
+
+
+def _evaluate_together(task, jobs: list, frame, selected, pro_mode, overlays, data_root, manifest) -> list:
+    """Evaluate every job's model class by class, each class's features read once for all of
+    them; write each job's files; return each job's metrics frame (on every process)."""
+    from tqdm.auto import tqdm
+
+    results = [[] for _ in jobs]
+    for cls in tqdm(selected, desc=f"evaluating {task.info.name}", unit="class", disable=not task.progress):
+        rows = frame[frame["cls"] == cls].reset_index(drop=True)
+        data = task.class_data(rows, jobs[0].model)
+        shared = task.hold(data, [job.model.config for job in jobs]) if len(jobs) > 1 else data
+        for job, found in zip(jobs, results):
+            found.append(task.evaluate_class(job.model, rows, _view(shared, job.model.config), pro_mode, overlays,
+                                             job.out_dir))
+    frames = []
+    for job, found in zip(jobs, results):
+        metrics = None
+        if task.rank == 0:
+            metrics = _write_outputs(found, job.run, task.info.name, job.out_dir, job.model.config)
+            _write_settings(job.out_dir, job.run, job.key, data_root, manifest, selected, job.train_set)
+        frames.append(_shared(metrics, task.world))
+    return frames
+
+
+def _view(data, config):
+    """``data`` serving ``config``'s taps when it holds cached features (raw images: as they are)."""
+    from pmoe.features import tap_positions
+
+    return data.with_taps(tap_positions(config)) if hasattr(data, "with_taps") else data
 
 
 def evaluation_key(config, checkpoint_sha1: str, dataset: str, frame: pd.DataFrame, classes, pro_mode: str,
@@ -269,15 +378,14 @@ class ClassResult:
 
 @dataclass
 class Task:
-    """The fixed inputs of one evaluation: model, dataset, device, cache and process layout."""
+    """The fixed inputs of one evaluation pass: dataset, device, cache and process layout."""
 
-    model: torch.nn.Module
     info: object  # pmoe.data.DatasetInfo
     root: Path
     device: torch.device
     cache: object  # pmoe.features.FeatureCache
     batch_size: int
-    num_workers: int
+    num_workers: int | None  # data-loading processes; None: pmoe.runtime.data_workers
     rank: int
     world: int
     progress: bool
@@ -287,38 +395,60 @@ class Task:
         """Whether pixel metrics need the maps and masks (not for image-only datasets)."""
         return self.info.kind != "image"
 
-    def evaluate_class(self, frame: pd.DataFrame, pro_mode: str, overlays: int, out_dir: Path):
-        """Score one class's images; on the main process, its metrics and records (else None).
+    def class_data(self, frame: pd.DataFrame, model):
+        """The class's samples with their cached features (computed first where missing), or its
+        images when there is no cache; masks only where pixel metrics need them."""
+        from pmoe.data import AnomalyDataset
+
+        dataset = AnomalyDataset(frame, self.root, model.config.image_size, return_mask=self.keep_maps,
+                                 mask_rule=model.config.mask_rule)
+        return self.cache.features(model, dataset, self.batch_size, self.device, self.progress, self.num_workers)
+
+    def hold(self, data, configs):
+        """``data`` with the taps of every config, held in memory when it fits (read once)."""
+        from pmoe.features import tap_positions
+        from pmoe.resident import hold
+
+        if not hasattr(data, "with_taps"):
+            return data
+        taps = sorted({tap for config in configs for tap in tap_positions(config)})
+        return hold(data.with_taps(taps), self.device, self.num_workers)
+
+    def evaluate_class(self, model, frame: pd.DataFrame, data, pro_mode: str, overlays: int, out_dir: Path):
+        """Score one class's ``data`` (items aligned with ``frame``) with ``model``; on the main
+        process, its metrics and records (else None).
 
         The class's maps are dropped before returning: only one class is held at a time.
         """
-        from pmoe.data import AnomalyDataset
-
         cls = frame["cls"].iloc[0]
-        dataset = AnomalyDataset(frame, self.root, self.model.config.image_size, return_mask=self.keep_maps,
-                                 mask_rule=self.model.config.mask_rule)
-        data = self.cache.features(self.model, dataset, self.batch_size, self.device, self.progress,
-                                   self.num_workers)
         shard = shard_indices(len(data), self.batch_size, self.rank, self.world)
-        local = self.score(torch.utils.data.Subset(data, shard), f"{self.info.name}/{cls}")
+        local = self.score(model, data, shard, f"{self.info.name}/{cls}")
         outputs = gather_to_main(local, len(data), self.batch_size, self.rank, self.world)
         if outputs is None:
             return None
         metrics = self.metrics(frame, outputs, pro_mode)
         if overlays:
             invalidate(out_dir)
-            self.write_overlays(frame, data, outputs["score"].cpu().numpy(), overlays, out_dir / "overlays" / cls)
+            self.write_overlays(model, frame, data, outputs["score"].cpu().numpy(), overlays,
+                                out_dir / "overlays" / cls)
         records = {key: value.cpu() for key, value in outputs.items() if key not in ("anomaly_map", "mask")}
         return ClassResult(cls, frame, metrics, records)
 
-    def score(self, data, desc: str) -> dict:
-        """Scores (and maps, masks and routing where needed) of ``data``, on the device."""
+    def batches(self, data, indices: list):
+        """The batches of ``data`` at ``indices``, ``batch_size`` consecutive indices each."""
+        from pmoe.resident import batches
+
+        chunks = [indices[start:start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
+        return batches(data, chunks, self.num_workers, self.device)
+
+    def score(self, model, data, indices: list, desc: str) -> dict:
+        """Scores (and maps, masks and routing where needed) of ``data`` at ``indices``, on the device."""
         from tqdm.auto import tqdm
 
-        loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
-        parts = [self._empty()]
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not self.progress, leave=False):
-            out = forward_batch(self.model, batch, self.device)
+        parts = [self._empty(model.config)]
+        for batch in tqdm(self.batches(data, indices), desc=desc, unit="batch", disable=not self.progress,
+                          leave=False, total=-(-len(indices) // self.batch_size)):
+            out = forward_batch(model, batch, self.device)
             if self.keep_maps:
                 out["mask"] = batch["mask"][:, 0].to(self.device, torch.uint8)
             else:
@@ -326,9 +456,9 @@ class Task:
             parts.append(out)
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
-    def _empty(self) -> dict:
+    def _empty(self, config) -> dict:
         """Zero-length outputs with the right shapes (what an empty shard contributes)."""
-        config, device = self.model.config, self.device
+        device = self.device
         size = config.image_size
         empty = {"score": torch.zeros(0, device=device)}
         if self.keep_maps:
@@ -349,33 +479,32 @@ class Task:
         return class_metrics(labels, outputs["score"], masks, outputs.get("anomaly_map"),
                              kind=self.info.kind, pro_mode=pro_mode)
 
-    def write_overlays(self, frame, data, scores: np.ndarray, count: int, folder: Path) -> None:
+    def write_overlays(self, model, frame, data, scores: np.ndarray, count: int, folder: Path) -> None:
         """Overlays of the ``count`` highest and lowest scoring images; replaces ``folder`` whole."""
         order = np.argsort(-scores, kind="stable")
         top = [int(i) for i in order[:count]]
         bottom = [int(i) for i in order[::-1][:count] if i not in top]
         picks = [("top", r, i) for r, i in enumerate(top)] + [("bottom", r, i) for r, i in enumerate(bottom)]
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, top + bottom), batch_size=self.batch_size)
-        maps = np.concatenate([forward_batch(self.model, batch, self.device)["anomaly_map"].cpu().numpy()
-                               for batch in loader])
+        maps = np.concatenate([forward_batch(model, batch, self.device)["anomaly_map"].cpu().numpy()
+                               for batch in self.batches(data, top + bottom)])
         folder.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             for (kind, rank, index), anomaly_map in zip(picks, maps):
                 stem = _file_stem(frame["image"][index], frame["crop"][index])
                 write_overlay(scratch / f"{kind}{rank + 1:02d}_s{scores[index]:.4f}_{stem}.png",
-                              self.display_image(frame, index), anomaly_map, *map_range(self.model.config))
+                              self.display_image(model, frame, index), anomaly_map, *map_range(model.config))
             if folder.exists():
                 shutil.rmtree(folder)
             scratch.rename(folder)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def display_image(self, frame: pd.DataFrame, index: int) -> np.ndarray:
+    def display_image(self, model, frame: pd.DataFrame, index: int) -> np.ndarray:
         """The sample's image as the model saw it (cropped, resized), in uint8 RGB."""
         from pmoe.data import load_image
 
-        size = self.model.config.image_size
+        size = model.config.image_size
         return denormalize(load_image(self.root / frame["image"][index], size, frame["crop"][index]))
 
 

@@ -198,7 +198,6 @@ def evaluate(preset: str, variant: str, target: str, data_root, out_dir, clip_we
     """
     from pmoe.evaluation import evaluate as evaluate_run
     from pmoe.evaluation import reusable_metrics
-    from pmoe.features import default_cache_dir
 
     train_set = train_set or train_set_for(target, preset)
     run = train(preset, variant, train_set, data_root, out_dir, clip_weights, seed=seed,
@@ -207,9 +206,33 @@ def evaluate(preset: str, variant: str, target: str, data_root, out_dir, clip_we
     folder, root = eval_dir(out_dir, variant, train_set, target, seed), dataset_root(data_root, target)
     metrics = reusable_metrics(run, target, root, folder, clip_weights=clip_weights, **options) if reuse else None
     if metrics is None:
-        options.setdefault("cache_dir", default_cache_dir() if target in sources(preset).values() else None)
+        options.setdefault("cache_dir", evaluation_cache(preset, target))
         metrics = evaluate_run(run, target, root, folder, clip_weights=clip_weights, run_name=variant, **options)
     return metrics.assign(train_set=train_set, seed=seed)
+
+
+def evaluation_cache(preset: str, target: str):
+    """The feature cache an evaluation of ``target`` uses: the default one for the preset's training
+    sets (their entries exist from training, and the ablations read them again), else None (a
+    dataset evaluated once streams its features)."""
+    from pmoe.features import default_cache_dir
+
+    return default_cache_dir() if target in sources(preset).values() else None
+
+
+def evaluate_together(preset: str, jobs, runs: dict, target: str, data_root, out_dir, clip_weights=None,
+                      **options) -> dict:
+    """Evaluate the trained ``runs`` of ``jobs`` ((variant, target, seed) triples) on ``target`` in one
+    pass (:func:`pmoe.evaluation.evaluate_runs`); each job's metrics frame, with ``train_set`` and
+    ``seed`` columns, by job. The folders and files are those :func:`evaluate` writes; current
+    evaluations are read back."""
+    from pmoe.evaluation import evaluate_runs
+
+    train_set = train_set_for(target, preset)
+    triples = [(runs[job], eval_dir(out_dir, job[0], train_set, target, job[2]), job[0]) for job in jobs]
+    options.setdefault("cache_dir", evaluation_cache(preset, target))
+    frames = evaluate_runs(triples, target, dataset_root(data_root, target), clip_weights=clip_weights, **options)
+    return {job: frame.assign(train_set=train_set, seed=job[2]) for job, frame in zip(jobs, frames)}
 
 
 def evaluation_file(out_dir, variant: str, target: str, preset: str, filename: str,
@@ -235,24 +258,39 @@ def default_seeds(preset: str, seeds=None) -> list:
 def run_ablations(preset: str, variants, targets, data_root, out_dir, clip_weights=None, seeds=None) -> tuple:
     """Train and evaluate every ablation variant and seed in both directions.
 
-    Returns (metrics of every evaluation that ran, failures: variant, target, seed, error). A
-    failing job is recorded and the others still run.
+    Every run is trained first (a finished one is kept); then each target is evaluated by all its
+    runs in one pass (:func:`evaluate_together`: each class's cached features are read once, and
+    evaluations that are current are read back). Returns (the metrics of every evaluation, in the
+    order of the (variant, target, seed) jobs; failures: variant, target, seed, error). A failing
+    training is recorded and the other jobs still run; a failing pass records every job of its target.
     """
     from tqdm.auto import tqdm
 
-    jobs = [(variant, target, seed) for variant in variants for target in targets
-            for seed in default_seeds(preset, seeds)]
-    frames, failures = [], []
-    for variant, target, seed in tqdm(jobs, desc="ablations"):  # one bar: per-run bars would flood a notebook
-        try:
-            frames.append(evaluate(preset, variant, target, data_root, out_dir, clip_weights, seed=seed,
-                                   progress=False))
-        except PmoeError as error:
-            failures.append({"variant": variant, "target": target, "seed": seed, "error": str(error)})
     from pmoe.evaluation import METRIC_COLUMNS
 
+    jobs = [(variant, target, seed) for variant in variants for target in targets
+            for seed in default_seeds(preset, seeds)]
+    runs, frames, errors = {}, {}, {}
+    for variant, target, seed in tqdm(jobs, desc="ablation trainings"):  # one bar: per-run bars would flood
+        try:
+            runs[variant, target, seed] = train(preset, variant, train_set_for(target, preset), data_root, out_dir,
+                                                clip_weights, seed=seed, progress=False)
+        except PmoeError as error:
+            errors[variant, target, seed] = str(error)
+    for target in tqdm(list(dict.fromkeys(targets)), desc="ablation evaluations"):
+        ready = [job for job in jobs if job[1] == target and job in runs]
+        if not ready:
+            continue
+        try:
+            frames.update(evaluate_together(preset, ready, runs, target, data_root, out_dir, clip_weights,
+                                            progress=False))
+        except PmoeError as error:
+            errors.update({job: str(error) for job in ready})
     columns = [*METRIC_COLUMNS, "train_set", "seed"]
-    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    found = [frames[job] for job in jobs if job in frames]
+    metrics = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=columns)
+    failures = [{"variant": job[0], "target": job[1], "seed": job[2], "error": errors[job]}
+                for job in jobs if job in errors]
     return metrics, pd.DataFrame(failures, columns=["variant", "target", "seed", "error"])
 
 

@@ -12,7 +12,8 @@ the encoder's settings. They are stored as fp16 ``.npy`` files, one per image, u
 a fingerprint of the code that computes them (encoder and preprocessing source, open_clip and
 torch versions), so a change to any of them is a miss, never a stale hit. ``address`` hashes
 the image file's bytes and its crop, so a renamed or moved file is still found and an edited
-one is recomputed. Files are written atomically and read back memory-mapped.
+one is recomputed. Files are written atomically and read back memory-mapped (runs that read them
+repeatedly hold them in memory instead, :mod:`pmoe.resident`).
 
 An entry holds the taps of :func:`stored_layers`: the config's layers and the quarter blocks
 of the encoder (6, 12, 18, 24 on ViT-L). Every layer set of Table 4 is a subset, so those
@@ -54,7 +55,7 @@ from tqdm.auto import tqdm
 from pmoe.backbone import VisualFeatures, looks_like_path
 from pmoe.errors import DataError
 from pmoe.io import atomic_path, write_text
-from pmoe.runtime import autocast, barrier
+from pmoe.runtime import autocast, barrier, data_workers
 
 FORMAT_VERSION = 2  # 2: the taps of stored_layers; the CLS row is the raw final token (before ln_post)
 ENCODER_FIELDS = ("clip_model", "quick_gelu", "image_size", "vv_attention", "vv_start", "pos_embed_interp")
@@ -184,6 +185,10 @@ class CachedFeatures(torch.utils.data.Dataset):
     def labels(self) -> np.ndarray:
         return self.dataset.labels
 
+    def with_taps(self, taps) -> "CachedFeatures":
+        """The same entries serving other stored taps (e.g. another config's, :func:`tap_positions`)."""
+        return CachedFeatures(self.dataset, self.files, self.stored, taps)
+
     def __getitem__(self, index: int) -> dict:
         rows = read_entry(self.files[index])
         patches = rows[:-1].reshape(self.stored, -1, rows.shape[1])[self.taps]
@@ -201,17 +206,24 @@ def read_entry(path: Path) -> np.ndarray:
                         "cache folder) and it is recomputed on the next run") from error
 
 
+def tap_positions(config) -> list:
+    """The positions of ``config.layers`` among the taps an entry stores (:func:`stored_layers`)."""
+    stored = stored_layers(config)
+    return [stored.index(layer) for layer in config.layers]
+
+
 def visual_features(model, batch: dict, device) -> VisualFeatures:
     """The encoder outputs of a collated batch: from the cache, or computed from its images."""
     if "patch_tokens" in batch:
-        return VisualFeatures(batch["patch_tokens"].to(device), batch["cls_token"].to(device))
+        return VisualFeatures(batch["patch_tokens"].to(device, non_blocking=True),
+                              batch["cls_token"].to(device, non_blocking=True))
     return encode(model, batch["image"], device)
 
 
 def encode(model, images: torch.Tensor, device, layers=None) -> VisualFeatures:
     """The frozen encoder's features of ``images`` (taps of ``layers``, default the config's)."""
     with torch.no_grad(), autocast(torch.device(device)):
-        return model.visual(images.to(device), layers=layers)
+        return model.visual(images.to(device, non_blocking=True), layers=layers)
 
 
 class Plan(NamedTuple):
@@ -233,11 +245,12 @@ class FeatureCache:
         return self.cache_dir / feature_key(self.config, device)
 
     def features(self, model, dataset, batch_size: int = 16, device="cpu", progress: bool = True,
-                 num_workers: int = 0):
+                 num_workers=None):
         """A dataset aligned with ``dataset`` whose items carry the frozen features.
 
-        Missing entries are computed first (split across processes under torchrun). Without a
-        cache folder, ``dataset`` itself is returned and features are computed per batch.
+        Missing entries are computed first (split across processes under torchrun; images
+        decoded by ``num_workers`` processes, default :func:`pmoe.runtime.data_workers`).
+        Without a cache folder, ``dataset`` itself is returned and features are computed per batch.
         """
         if self.cache_dir is None:
             return dataset
@@ -251,8 +264,7 @@ class FeatureCache:
         if plan.missing:
             self._compute(model, dataset, plan.missing, batch_size, device, progress, num_workers)
         barrier()  # every entry is written before any process reads
-        stored = stored_layers(self.config)
-        return CachedFeatures(dataset, plan.files, len(stored), [stored.index(layer) for layer in self.config.layers])
+        return CachedFeatures(dataset, plan.files, len(stored_layers(self.config)), tap_positions(self.config))
 
     def _plan(self, folder: Path, dataset, device, progress: bool) -> Plan:
         """The main process lists the entries and checks the disk; every process gets its plan."""
@@ -295,18 +307,34 @@ class FeatureCache:
         """Encode the images of the ``(file, index)`` pairs in ``missing`` and store them."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         share = missing[rank::world]
-        subset = torch.utils.data.Subset(dataset, [index for _, index in share])
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+        images = Images(dataset, [index for _, index in share])
+        loader = torch.utils.data.DataLoader(images, batch_size=batch_size,
+                                             num_workers=data_workers(num_workers, device),
+                                             pin_memory=torch.device(device).type == "cuda")
         files = iter(file for file, _ in share)
         layers = stored_layers(self.config)
         bar = tqdm(total=len(missing), desc="caching features", disable=not progress or rank != 0)
         for batch in loader:
-            features = encode(model, batch["image"], device, layers)
+            features = encode(model, batch, device, layers)
             rows = torch.cat([features.patch_tokens.flatten(1, 2), features.cls_token[:, None]], dim=1)
             for entry in rows.to(torch.float16).cpu().numpy():
                 store_entry(next(files), entry)
             bar.update(len(rows) * world)
         bar.close()
+
+
+class Images(torch.utils.data.Dataset):
+    """The preprocessed images of ``dataset`` at ``indices``, without their masks (what the
+    encoder needs to fill the cache; decoded in the DataLoader's worker processes)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.dataset.image(self.indices[index])
 
 
 def free_bytes(folder: Path) -> int:

@@ -32,9 +32,13 @@ from pmoe.prompt_learners import build_prompt_learner
 from pmoe.text import PromptAssembler, TextEncoder
 
 
-def build_model(config) -> "PromptMoE":
-    """The PromptMoE model of ``config`` with its frozen CLIP (weights per ``config.clip_weights``)."""
-    return PromptMoE(config, load_clip(config))
+def build_model(config, clip: nn.Module | None = None) -> "PromptMoE":
+    """The PromptMoE model of ``config`` with its frozen CLIP (weights per ``config.clip_weights``).
+
+    ``clip``: an already loaded frozen CLIP of the same architecture and weights to share
+    (several models evaluated together hold one copy).
+    """
+    return PromptMoE(config, clip if clip is not None else load_clip(config))
 
 
 class PromptMoE(nn.Module):

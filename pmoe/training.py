@@ -19,6 +19,12 @@ pmoe.train_step.TrainStep); the results equal a single process's up to floating-
 summation order. Only the main process writes files. On CUDA the trainable forward pass
 runs in fp32 with TF32 matmuls (``train_precision="bf16"``: bf16 autocast); the CPU path is fp32.
 
+Cached features (and masks) are read once into memory, on the device when they fit, else the
+host (:mod:`pmoe.resident`); every epoch then indexes them, with the same values as read from
+the disk cache, so the weights are the same either way. ``compile_backend="inductor"`` (``pmoe train
+--compile``) runs the trainable step through ``torch.compile``; its fused kernels round
+differently, so its weights agree with the plain path's to floating-point tolerance only.
+
 Usage::
 
     from pmoe import Config
@@ -47,6 +53,8 @@ from pmoe.features import FeatureCache, visual_features
 from pmoe.identity import differences, run_identity
 from pmoe.io import write_text
 from pmoe.model import build_model
+from pmoe.resident import batches as feature_batches
+from pmoe.resident import hold
 from pmoe.resume import STATE_DIR, latest_state, load_state, save_state
 from pmoe.runtime import autocast, barrier, configure_backend, init_distributed, pick_device, seed_everything
 from pmoe.schedule import epoch_order, global_batches, learning_rate, shard, shard_sizes
@@ -61,13 +69,15 @@ SUMMED_TERMS = ("cls", "seg", "focal", "dice")  # per-sample means, weighted by 
 
 def train(config, train_set, data_root, out_dir, *, manifest=None, epochs=None, batch_size=None, seed=None,
           resume=False, overwrite=False, cache_dir=None, device=None, val_set=None, val_root=None,
-          num_workers=0, progress=True) -> Path:
+          num_workers=None, compile_backend=None, progress=True) -> Path:
     """Train ``config`` on all samples of ``train_set`` under ``data_root``; returns the run dir.
 
     ``manifest`` (a manifest CSV) replaces building the manifest of ``train_set``.
     ``epochs``, ``batch_size`` and ``seed`` override the config (the resolved config is saved).
     ``cache_dir`` holds the frozen-feature cache (None: features computed every epoch).
     ``val_set``/``val_root`` add a validation image AUROC per epoch.
+    ``num_workers``: data-loading processes (None: :func:`pmoe.runtime.data_workers`).
+    ``compile_backend``: a ``torch.compile`` backend for the trainable step (``"inductor"``), or None.
     With ``resume`` a finished run is kept and an interrupted one continued, but only when its
     config and :func:`pmoe.identity.run_identity` (data, package version) equal the request.
     """
@@ -90,11 +100,13 @@ def train(config, train_set, data_root, out_dir, *, manifest=None, epochs=None, 
     seed_everything(config.seed)
     model = build_model(config).to(device)
     cache = FeatureCache(cache_dir, config)
-    data = feature_dataset(cache, model, frame, data_root, device, num_workers, progress)
+    data = hold(feature_dataset(cache, model, frame, data_root, device, num_workers, progress),
+                device, num_workers, progress)
     validation = None
     if val_set is not None:
-        validation = feature_dataset(cache, model, val_frame, val_root, device, num_workers, progress, masks=False)
-    trainer = Trainer(model, config, device, rank, world)
+        validation = hold(feature_dataset(cache, model, val_frame, val_root, device, num_workers, progress,
+                                          masks=False), device, num_workers, progress)
+    trainer = Trainer(model, config, device, rank, world, compile_backend)
     trainer.run(run_dir, data, validation, resume, num_workers, progress)
     return run_dir
 
@@ -167,15 +179,19 @@ def feature_dataset(cache, model, frame, root, device, num_workers, progress, ma
 
 
 class Trainer:
-    """The training loop of one process: epochs of sharded global batches, logs and states."""
+    """The training loop of one process: epochs of sharded global batches, logs and states.
 
-    def __init__(self, model, config, device, rank: int, world: int):
+    ``compile_backend`` names a ``torch.compile`` backend for the step module (None: eager).
+    """
+
+    def __init__(self, model, config, device, rank: int, world: int, compile_backend=None):
         self.model, self.config, self.device = model, config, device
         self.rank, self.world = rank, world
         self.step_module = TrainStep(model)
         if world > 1:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[device] if device.type == "cuda" else None)
+        self.forward = torch.compile(self.step_module, backend=compile_backend) if compile_backend else self.step_module
         self.usage = None  # expert selections of the current epoch, (P, 2, E)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas), weight_decay=0.0)
@@ -217,8 +233,7 @@ class Trainer:
         config, device = self.config, self.device
         batches = global_batches(epoch_order(len(data), config.seed, epoch), config.batch_size)
         shards = [shard(batch, self.rank, self.world) for batch in batches]
-        loader = torch.utils.data.DataLoader(data, batch_sampler=shards,
-                                             num_workers=num_workers, pin_memory=device.type == "cuda")
+        loader = feature_batches(data, shards, num_workers, device)
         self.step_module.train()
         self.usage = None
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{config.epochs}", disable=not progress or not self.main)
@@ -242,9 +257,9 @@ class Trainer:
         """One optimizer update on this process's shard; returns the global-batch loss terms."""
         device = self.device
         features = visual_features(self.model, batch, device)
-        masks, labels = batch["mask"].to(device), batch["label"].to(device)
+        masks, labels = batch["mask"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         class_names = list(batch["cls"]) if self.config.use_class_names else None
-        terms, routing = self.step_module(features, masks, labels, class_names, sizes, self.rank)
+        terms, routing = self.forward(features, masks, labels, class_names, sizes, self.rank)
         self.optimizer.zero_grad(set_to_none=True)
         terms["objective"].backward()
         self.optimizer.step()
@@ -279,7 +294,8 @@ def validation_auroc(model, data, device, batch_size: int) -> float:
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(data), world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch_size)
+    loader = feature_batches(data, [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)],
+                             None, device)
     model.eval()
     scores, classes = [], []
     for batch in loader:

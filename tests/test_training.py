@@ -17,12 +17,14 @@ from sklearn.metrics import roc_auc_score
 
 import pmoe
 from pmoe.checkpoint import load_run, load_weights
+from pmoe import resident
+from pmoe.cli import build_parser
 from pmoe.cli import main as cli_main
 from pmoe.commands.train import key_value
 from pmoe.data import AnomalyDataset, build_manifest
 from pmoe.data.synthetic import write_dataset
 from pmoe.errors import CheckpointError, ConfigError
-from pmoe.features import FeatureCache, visual_features
+from pmoe.features import CachedFeatures, FeatureCache, visual_features
 from pmoe.io import write_csv
 from pmoe.metrics import image_auroc, pixel_auroc
 from pmoe.schedule import epoch_order, global_batches, learning_rate, shard, shard_sizes
@@ -282,6 +284,49 @@ def test_cached_and_uncached_training_give_the_same_losses(run, data, tmp_path):
     trained = pd.read_csv(quick(data, tmp_path / "trained", epochs=1, cache_dir=None) / FILES["steps"])
     first_epoch = pd.read_csv(run / FILES["steps"]).query("epoch == 1")
     np.testing.assert_allclose(trained[columns].to_numpy(), first_epoch[columns].to_numpy(), rtol=2e-3)
+
+
+def test_held_and_disk_read_features_train_bit_identical_weights(run, data, tmp_path, monkeypatch):
+    """The training set held in memory is read once (20 images); read from the disk cache, every
+    epoch reads it again (2 x 20). Same batches, so the same weights and logs, bit for bit."""
+    reads, read = [], CachedFeatures.__getitem__
+    monkeypatch.setattr(CachedFeatures, "__getitem__", lambda self, index: reads.append(index) or read(self, index))
+    held = quick(data, tmp_path / "held")
+    assert sorted(reads) == list(range(20))
+    reads.clear()
+    monkeypatch.setattr(resident, "placement", lambda need, device: None)  # fits nowhere: stays on disk
+    disk = quick(data, tmp_path / "disk")
+    assert sorted(reads) == sorted(list(range(20)) * 2)
+    for out in (held, disk):
+        assert_same_weights(weights(out), weights(run))
+        for name in FILES.values():
+            pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(run / name))
+
+
+@pytest.mark.slow
+def test_a_compiled_step_trains_the_weights_of_the_plain_step(data, tmp_path):
+    """torch.compile with a backend that runs the captured graphs as they are: the step goes
+    through the compiler (graphs are captured) and gives the plain step's weights."""
+    graphs = []
+
+    def capture(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    config = TINY.replace(batch_size=10)  # two steps of one shape: one compilation
+    plain = quick(data, tmp_path / "plain", config, epochs=1)
+    compiled = quick(data, tmp_path / "compiled", config, epochs=1, compile_backend=capture)
+    assert graphs
+    assert_same_weights(weights(compiled), weights(plain))
+
+
+def test_the_compile_option_names_a_backend():
+    parser = build_parser()
+    base = ["train", "--preset", "tiny", "--train-set", "x", "--data-root", "d", "--out", "o"]
+    assert parser.parse_args(base).compile is None
+    assert parser.parse_args(base + ["--compile"]).compile == "inductor"
+    assert parser.parse_args(base + ["--compile", "aot_eager"]).compile == "aot_eager"
+    assert parser.parse_args(base).workers is None  # chosen from the device and CPUs at run time
 
 
 def test_key_value_reads_json_or_keeps_a_string():

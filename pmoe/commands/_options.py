@@ -17,12 +17,19 @@ def cache_dir(args):
     return None if args.no_cache else (args.cache_dir or default_cache_dir())
 
 
-def add_device_options(parser, batch_size: int | None, workers_help: str = "data-loading worker processes") -> None:
-    """--batch-size (when given a default), --workers, --device, --quiet."""
+def add_device_options(parser, batch_size: int | None, workers_help: str = "data-loading worker processes",
+                       auto_workers: bool = False) -> None:
+    """--batch-size (when given a default), --workers, --device, --quiet.
+
+    With ``auto_workers`` --workers defaults to None: the library picks the number from the CPUs
+    on a GPU, and 0 on the CPU (:func:`pmoe.runtime.data_workers`); else it defaults to 0.
+    """
     if batch_size is not None:
         parser.add_argument("--batch-size", type=int, default=batch_size,
                             help=f"images per forward pass (default {batch_size})")
-    parser.add_argument("--workers", type=int, default=0, help=f"{workers_help} (default 0)")
+    default = "on a GPU one per CPU core less one, at most 16; 0 on the CPU" if auto_workers else "0"
+    parser.add_argument("--workers", type=int, default=None if auto_workers else 0,
+                        help=f"{workers_help} (default: {default})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this process's GPU, else the CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -40,3 +47,10 @@ def model_source(args):
     from pmoe.config import Config
 
     return args.checkpoint if args.checkpoint else Config.preset(args.preset, base=args.base)
+
+
+def add_compile_option(parser) -> None:
+    """--compile [BACKEND]: torch.compile the trainable step (inductor unless a backend is named)."""
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="run the trainable step through torch.compile (backend inductor unless named; "
+                        "results agree with the plain path to floating-point tolerance)")

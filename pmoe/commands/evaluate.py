@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overlays", type=int, default=0, metavar="N",
                         help="write heat-map overlays of the N highest and N lowest scoring images per class")
     add_cache_options(parser)
-    add_device_options(parser, batch_size=16)
+    add_device_options(parser, batch_size=16, auto_workers=True)
     parser.add_argument("--clip-weights", help="where the frozen CLIP weights come from (e.g. a local file)")
     parser.add_argument("--run-name", help="the run column of metrics.csv (default: the run folder's name, "
                                            "or the preset's)")

@@ -11,6 +11,7 @@ Examples:
         --val-set synthetic-b --val-root data/synthetic-b --epochs 3
     pmoe train --preset table3-alpha0 --base tiny --train-set synthetic-a --data-root data/synthetic-a \\
         --out runs/alpha0 --set lr=0.002 --set layers=[1,3]
+    pmoe train --preset paper --train-set mvtec --data-root /data/mvtec --out runs/paper-mvtec --compile
     torchrun --nproc_per_node 4 -m pmoe.cli train --preset paper --train-set visa --data-root /data/visa --out runs/visa
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pmoe.commands._options import add_cache_options, add_device_options, cache_dir
+from pmoe.commands._options import add_cache_options, add_compile_option, add_device_options, cache_dir
 
 
 def add_arguments(parser) -> None:
@@ -41,7 +42,8 @@ def add_arguments(parser) -> None:
     add_cache_options(parser, "compute CLIP features every epoch without caching")
     parser.add_argument("--val-set", help="dataset to report the image AUROC of after every epoch (Figure 7)")
     parser.add_argument("--val-root", help="folder of --val-set")
-    add_device_options(parser, batch_size=None)
+    add_device_options(parser, batch_size=None, auto_workers=True)
+    add_compile_option(parser)
 
 
 def key_value(text: str) -> tuple:
@@ -63,7 +65,7 @@ def run(args) -> int:
     run_dir = train(config, args.train_set, args.data_root, args.out, manifest=args.manifest, epochs=args.epochs,
                     batch_size=args.batch_size, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
                     cache_dir=cache_dir(args), device=args.device, val_set=args.val_set, val_root=args.val_root,
-                    num_workers=args.workers, progress=not args.quiet)
+                    num_workers=args.workers, compile_backend=args.compile, progress=not args.quiet)
     from pmoe.runtime import is_main_process
 
     if is_main_process():

@@ -110,6 +110,11 @@ class AnomalyDataset(torch.utils.data.Dataset):
         item["image"] = image_tensor(image, self.image_size, self.records[index][4])
         return item
 
+    def image(self, index: int) -> torch.Tensor:
+        """The preprocessed image of item ``index`` (3, S, S), without reading its mask."""
+        image_path, _, _, _, crop = self.records[index]
+        return image_tensor(open_image(self.root / image_path), self.image_size, crop)
+
     def fields(self, index: int, image_shape=None) -> dict:
         """Item ``index`` without its image: label, cls, path, crop and (with ``return_mask``) mask.
 
