@@ -5,6 +5,7 @@ Usage:
     python benchmarks/gpu_check.py               # the GPU: under 8 minutes on one H200
     python benchmarks/gpu_check.py --seeds 3     # the projection for 3 training seeds
     python benchmarks/gpu_check.py --compile     # also training under torch.compile (a few minutes more)
+    python benchmarks/gpu_check.py --known-answer  # the projection with notebook 11 given AnomalyCLIP's checkpoints
     python benchmarks/gpu_check.py --quick       # tiny CLIP on the CPU, under a minute (a test runs this)
 
 Sections (each a warm-up, then timed calls within a time box):
@@ -15,7 +16,7 @@ Sections (each a warm-up, then timed calls within a time box):
   data        synthetic MVTec-sized PNGs: decoding and resizing by the default workers and reading
               the feature cache into memory (both without the workers' start-up), and filling the
               cache (hashing, loading, encoder, writes)
-  training    steps/s of the full model and every ablation variant from the held features
+  training    steps/s of the full model, every ablation variant and AnomalyCLIP's two readings from the held features
               (the preset's batch, 16 for paper), peak memory
   evaluation  images/s of every variant from the held features in eval mode (maps, smoothing)
   metrics     every metric of a VisA-sized class (200 maps of 518 x 518) on the device and on the CPU
@@ -50,7 +51,7 @@ from pmoe.inference import forward_batch
 from pmoe.io import write_text
 from pmoe.metrics import class_metrics
 from pmoe.model import build_model
-from pmoe.projection import Rates, paper_plan, project
+from pmoe.projection import KNOWN_ANSWER_VARIANTS, Rates, paper_plan, project
 from pmoe.resident import ResidentFeatures, batches, hold
 from pmoe.runtime import configure_backend, data_workers, pick_device, seed_everything
 from pmoe.training import Trainer
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny CLIP on the CPU (a smoke run of every section)")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds in the projection (default 1)")
     parser.add_argument("--compile", action="store_true", help="also time the full model's training compiled")
+    parser.add_argument("--known-answer", action="store_true",
+                        help="project notebook 11 as run with AnomalyCLIP's checkpoints (skipped by default)")
     parser.add_argument("--device", help="default: the GPU (the CPU with --quick)")
     parser.add_argument("--json", help="write the table here as JSON (default $OUT/gpu_check.json when OUT is set)")
     return parser.parse_args(argv)
@@ -303,14 +306,14 @@ def measure(args) -> dict:
     del cpu_model
     with tempfile.TemporaryDirectory(prefix="pmoe-gpu-check-") as scratch:
         table["data"], held = timed("data", data_section, model, config, device, mode, Path(scratch))
-    variants = mode["variants"] or ["paper", *paper_plan().variants]
+    variants = mode["variants"] or ["paper", *paper_plan().variants, *KNOWN_ANSWER_VARIANTS]
     table["variants"] = timed("variants", variant_section, clip, mode["preset"], variants, held, device, mode)
     if args.compile:
         table["compiled"] = timed("compiled", variant_section, clip, mode["preset"], ["paper"], held, device, mode,
                                   "inductor")
     del held
     table["metrics"] = timed("metrics", metrics_section, device, mode)
-    table["projection"] = project(rates_of(table), paper_plan(), args.seeds)
+    table["projection"] = project(rates_of(table), paper_plan(), args.seeds, args.known_answer)
     table["seconds"] = time.perf_counter() - start
     return table
 

@@ -23,6 +23,8 @@ seconds)::
     07_figure5        u * (datasets shown, 6)
     08_figure6        cached(mvtec) + m(mvtec) + u
     09_figure7        S * 2 * [run(paper, mvtec) + N_visa / read + E * N_visa / eval_paper]
+    11_known_answer   sum_{v in anomalyclip, anomalyclip-4layers} sum_{d source} (N_d / eval_v + m(d) + u)
+                      with AnomalyCLIP's checkpoints (``known_answer``), else 0 (skipped)
     01, 03, 06, 10    0 (file listing; 03 runs inside 04; 06 and 10 reuse results)
 
 A variant without a measured rate takes the full model's. Notebook 03 is counted in 04, which
@@ -36,7 +38,8 @@ from dataclasses import dataclass
 
 NOTEBOOKS = ("00_quickstart", "01_data_preparation", "02_training", "03_evaluation", "04_table1", "05_ablations",
              "06_figure1b_routing", "07_figure5_qualitative", "08_figure6_expert_activation",
-             "09_figure7_training_dynamics", "10_figure8_tsne")
+             "09_figure7_training_dynamics", "10_figure8_tsne", "11_known_answer_anomalyclip")
+KNOWN_ANSWER_VARIANTS = ("anomalyclip", "anomalyclip-4layers")  # notebook 11: both readings of their test
 FIGURE5_DATASETS = 6  # notebook 07's default datasets (a model is built for each)
 FIGURE7_RUNS = 2  # notebook 09: the full model and the model without L_decouple
 
@@ -104,8 +107,9 @@ def metric_seconds(rates: Rates, plan: Plan, dataset: str) -> float:
     return rates.metric_class_s * pixels / (rates.metric_class_images * rates.metric_class_size ** 2)
 
 
-def project(rates: Rates, plan: Plan, seeds: int = 1) -> dict:
-    """Seconds per notebook of ``pmoe reproduce --preset paper`` with ``seeds`` seeds (module docstring)."""
+def project(rates: Rates, plan: Plan, seeds: int = 1, known_answer: bool = False) -> dict:
+    """Seconds per notebook of ``pmoe reproduce --preset paper`` with ``seeds`` seeds (module docstring);
+    ``known_answer``: notebook 11 is given AnomalyCLIP's checkpoints (it reads the cached training sets)."""
     primary, secondary = plan.sources
     sources, n = plan.sources, plan.images
     evaluate, startup = rates.evaluate_rate("paper"), rates.startup_s
@@ -137,4 +141,7 @@ def project(rates: Rates, plan: Plan, seeds: int = 1) -> dict:
     times["08_figure6_expert_activation"] = cached(primary) + m(primary) + startup
     times["09_figure7_training_dynamics"] = seeds * FIGURE7_RUNS * (
         run("paper", primary) + n[secondary] / rates.reading + plan.epochs * n[secondary] / evaluate)
+    if known_answer:
+        times["11_known_answer_anomalyclip"] = sum(n[d] / rates.evaluate_rate(v) + m(d) + startup
+                                                   for v in KNOWN_ANSWER_VARIANTS for d in sources)
     return times

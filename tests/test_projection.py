@@ -49,3 +49,10 @@ def test_unmeasured_variants_take_the_full_models_rates():
     partial = Rates(**{**RATES.__dict__, "train": {"paper": 2}, "evaluate": {"paper": 8}})
     assert partial.train_rate("v1") == 2 and partial.evaluate_rate("v1") == 8
     assert project(partial, PLAN)["05_ablations"] > project(RATES, PLAN)["05_ablations"]
+
+
+def test_the_known_answer_check_counts_only_with_checkpoints():
+    """Both AnomalyCLIP readings on both sources from the cache: per reading (a: 32/8 + 3.2 + 3) +
+    (b: 16/8 + 1.6 + 3) = 16.8 (their variants take the full model's evaluation rate here)."""
+    assert project(RATES, PLAN)["11_known_answer_anomalyclip"] == 0.0
+    assert project(RATES, PLAN, known_answer=True)["11_known_answer_anomalyclip"] == pytest.approx(2 * 16.8)
