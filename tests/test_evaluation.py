@@ -142,6 +142,7 @@ def test_undefined_metric_is_nan_with_reason_and_left_out_of_the_mean(workspace,
     assert (written["reason"] != "").sum() == (metrics["reason"] != "").sum()
 
 
+@pytest.mark.filterwarnings("ignore:SDD at .*raw KolektorSDD:pmoe.data.DataWarning")  # the raw-tree twin
 @pytest.mark.parametrize("name, kind", [("headct", "image"), ("kvasir", "pixel"), ("sdd", "both")])
 def test_dataset_kind_selects_the_metrics(workspace, tmp_path, name, kind):
     twin = write_twin(name, tmp_path / name)
