@@ -19,7 +19,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from pmoe.errors import ConfigError
 

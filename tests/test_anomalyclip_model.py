@@ -17,16 +17,12 @@ import pmoe
 from pmoe import cli, known_answer
 from pmoe.anomalyclip import load_published
 from pmoe.backbone import load_clip
-from pmoe.checkpoint import load_run, load_weights
-from pmoe.data import AnomalyDataset, build_manifest
-from pmoe.data.synthetic import write_dataset
+from pmoe.checkpoint import load_run
 from pmoe.data.twins import write_twin
 from pmoe.errors import PmoeError
-from pmoe.features import FeatureCache
 from pmoe.losses import total_loss
-from pmoe.training import train
 from reference_model import DEEP_LEN, N_CTX, bilinear_resize, reference_features, their_state
-from test_training import pixel_auroc_of
+from test_training import held_out_pixel_auroc
 
 CONFIG = pmoe.Config.preset("anomalyclip-4layers", base="tiny")  # pmoe-tiny: 4 taps, 2 text blocks, depth 2
 THEIR_FOLDER = "9_12_4_multiscale"  # their checkpoint trained on VisA
@@ -134,15 +130,7 @@ def test_training_raises_the_pixel_auroc_on_held_out_images(tmp_path):
     VGMoP transfers (tests/test_training.py).
     """
     config = pmoe.Config.preset("anomalyclip", base="tiny")
-    train_root = write_dataset("synthetic-a", tmp_path / "a", n_normal=4, n_anomalous=8)
-    test_root = write_dataset("synthetic-a", tmp_path / "held-out", n_normal=2, n_anomalous=6, seed=5)
-    out = train(config, "synthetic-a", train_root, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
-    model = pmoe.build_model(config)
-    test = AnomalyDataset(build_manifest("synthetic-a", test_root), test_root, config.image_size)
-    features = FeatureCache(tmp_path / "cache", config).features(model, test, 16, "cpu", progress=False)
-    before = pixel_auroc_of(model, features)
-    load_weights(model, out / "model.safetensors")
-    after = pixel_auroc_of(model, features)
+    before, after, _ = held_out_pixel_auroc(config, tmp_path, "synthetic-a", test_seed=5)
     assert after > before + 0.1 and after > 0.6, (before, after)
 
 

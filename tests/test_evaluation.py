@@ -22,7 +22,7 @@ from pmoe.errors import CheckpointError, ConfigError, DataError
 from pmoe.evaluation import (METRIC_COLUMNS, ROUTING_COLUMNS, SCORE_COLUMNS, _file_stem, evaluate, image_ids,
                              shard_indices)
 from pmoe.inference import denormalize
-from pmoe.metrics import IMAGE_METRICS, KINDS, PIXEL_METRICS, class_metrics
+from pmoe.metrics import IMAGE_METRICS, KINDS, class_metrics
 from pmoe.model import build_model
 
 TINY = Config.preset("tiny")

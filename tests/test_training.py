@@ -358,20 +358,25 @@ def pixel_auroc_of(model, features):
     return pixel_auroc(torch.cat(masks), torch.cat(maps))
 
 
+def held_out_pixel_auroc(config, tmp_path, test_set: str, test_seed: int = 0) -> tuple:
+    """(before, after, run): pixel AUROC on a held-out ``test_set`` (2 normal and 6 anomalous images per
+    class, written with ``test_seed``) of ``config``'s model untrained and trained on synthetic-a (4 + 8)."""
+    train_root = write_dataset("synthetic-a", tmp_path / "train", n_normal=4, n_anomalous=8)
+    test_root = write_dataset(test_set, tmp_path / "held-out", n_normal=2, n_anomalous=6, seed=test_seed)
+    out = train(config, "synthetic-a", train_root, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    model = pmoe.build_model(config)
+    test = AnomalyDataset(build_manifest(test_set, test_root), test_root, config.image_size)
+    features = FeatureCache(tmp_path / "cache", config).features(model, test, 16, "cpu", progress=False)
+    before = pixel_auroc_of(model, features)
+    load_weights(model, out / "model.safetensors")
+    return before, pixel_auroc_of(model, features), out
+
+
 def test_training_raises_the_pixel_auroc_on_unseen_classes(tmp_path):
     """Train on synthetic-a (30 steps); pixel AUROC on synthetic-b's disjoint classes must rise.
 
     Over seeds 0-9 it is 0.37-0.70 before training and 0.78-0.82 after (seed 0: 0.37 -> 0.82).
     """
-    train_root = write_dataset("synthetic-a", tmp_path / "a", n_normal=4, n_anomalous=8)
-    test_root = write_dataset("synthetic-b", tmp_path / "b", n_normal=2, n_anomalous=6)
-    config = TINY.replace(epochs=5)
-    out = train(config, "synthetic-a", train_root, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
-    model = pmoe.build_model(config)
-    test = AnomalyDataset(build_manifest("synthetic-b", test_root), test_root, config.image_size)
-    features = FeatureCache(tmp_path / "cache", config).features(model, test, 16, "cpu", progress=False)
-    before = pixel_auroc_of(model, features)
-    load_weights(model, out / "model.safetensors")
-    after = pixel_auroc_of(model, features)
+    before, after, out = held_out_pixel_auroc(TINY.replace(epochs=5), tmp_path, "synthetic-b")
     assert after > before + 0.1 and after > 0.75, (before, after)
     assert not math.isnan(pd.read_csv(out / FILES["epochs"])["loss"].iloc[-1])
