@@ -39,16 +39,20 @@ def randomised(learner, seed=0):
 
 # --- the deep-token text path ------------------------------------------------------------------
 
-@pytest.mark.parametrize("truncate", [True, False])
-def test_text_features_equal_the_step_by_step_reference(clip, truncate):
-    learner = randomised(AnomalyCLIPPromptLearner(clip, truncate=truncate))
+def ours_and_reference(clip, learner) -> tuple:
+    """The learner's F_T and the step-by-step reference's, from the same tensors."""
     tokens = open_clip.tokenize(their_texts())
     with torch.no_grad():
-        ours = learner()
         embedded = clip.token_embedding(tokens)
         context = torch.stack([learner.normal_context, learner.abnormal_context])
         reference = reference_features(clip, embedded[:, :1], context, embedded[:, 1 + N_CTX:],
                                        list(learner.deep_tokens), tokens)
+        return learner(), reference
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_text_features_equal_the_step_by_step_reference(clip, truncate):
+    ours, reference = ours_and_reference(clip, randomised(AnomalyCLIPPromptLearner(clip, truncate=truncate)))
     assert ours.shape == (2, 64)
     assert torch.allclose(ours.norm(dim=-1), torch.ones(2), atol=1e-6)
     assert torch.allclose(ours, reference, atol=1e-5)
@@ -69,13 +73,7 @@ def test_vit_l_text_tower_matches_the_reference_and_their_checkpoint_shapes():
     """ViT-L-14-336 with random weights: width 768, 12 text blocks, their exact settings."""
     vitl = load_clip(pmoe.Config.preset("paper").replace(clip_weights="random"))
     learner = randomised(AnomalyCLIPPromptLearner(vitl))
-    tokens = open_clip.tokenize(their_texts())
-    with torch.no_grad():
-        ours = learner()
-        embedded = vitl.token_embedding(tokens)
-        context = torch.stack([learner.normal_context, learner.abnormal_context])
-        reference = reference_features(vitl, embedded[:, :1], context, embedded[:, 1 + N_CTX:],
-                                       list(learner.deep_tokens), tokens)
+    ours, reference = ours_and_reference(vitl, learner)
     assert ours.shape == (2, 768)
     assert torch.allclose(ours, reference, atol=1e-5)
     assert learner.checkpoint_shapes() == checkpoint_shapes(768)
