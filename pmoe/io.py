@@ -1,4 +1,5 @@
-"""Atomic file writing: a partial result is never left where a complete one is expected."""
+"""Atomic file writing: a partial result is never left where a complete one is expected; and an
+exclusive lock, so two processes never write the same result at once."""
 
 from __future__ import annotations
 
@@ -51,6 +52,29 @@ def atomic_dir(path):
         shutil.rmtree(scratch, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Hold an exclusive lock on the file ``path`` (created if needed) while the body runs.
+
+    Another process asking for the same lock waits until it is released; the operating system
+    releases it when a holder dies, even by ``kill -9``. Where ``fcntl`` does not exist
+    (Windows) no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _umask() -> int:

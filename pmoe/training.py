@@ -7,6 +7,8 @@ dataset's test split (the cross-dataset protocol) and writes the run directory::
     identity.json                  what it is trained on: manifest digests, package version
     log_steps.csv, log_epochs.csv, expert_usage.csv   (see pmoe.training_log)
     state/epoch_NNN/               the latest complete epoch, for --resume (see pmoe.resume)
+    .lock                          held while a process prepares or trains the run: a second process
+                                   asking for the same run waits, then keeps the finished one
     model.safetensors              the trainable weights after the last epoch
     done.json                      written last: the run is finished
 
@@ -34,6 +36,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -51,7 +54,7 @@ from pmoe.checkpoint import CONFIG, PROVENANCE, WEIGHTS, run_config, save_weight
 from pmoe.errors import ConfigError
 from pmoe.features import FeatureCache, visual_features
 from pmoe.identity import differences, run_identity
-from pmoe.io import write_text
+from pmoe.io import exclusive, write_text
 from pmoe.model import build_model
 from pmoe.resident import batches as feature_batches
 from pmoe.resident import hold
@@ -63,6 +66,7 @@ from pmoe.training_log import FILES, TERMS, TrainingLog, layer_names
 
 DONE = "done.json"
 IDENTITY = "identity.json"
+LOCK = ".lock"  # held while a process prepares or trains the run (pmoe.io.exclusive)
 RUN_FILES = (CONFIG, PROVENANCE, IDENTITY, WEIGHTS, DONE, STATE_DIR, *FILES.values())
 SUMMED_TERMS = ("cls", "seg", "focal", "dice")  # per-sample means, weighted by shard size
 
@@ -93,21 +97,22 @@ def train(config, train_set, data_root, out_dir, *, manifest=None, epochs=None, 
     frame = training_manifest(train_set, data_root, manifest)
     val_frame = training_manifest(val_set, val_root, None) if val_set is not None else None
     identity = run_identity(train_set, manifest, frame, None if val_set is None else (val_set, val_frame))
-    if prepare_run_dir(run_dir, config, identity, resume=resume, overwrite=overwrite, main=rank == 0):
-        if rank == 0:
-            print(f"{run_dir} already holds this finished run; nothing to do")
-        return run_dir
-    seed_everything(config.seed)
-    model = build_model(config).to(device)
-    cache = FeatureCache(cache_dir, config)
-    data = hold(feature_dataset(cache, model, frame, data_root, device, num_workers, progress),
-                device, num_workers, progress)
-    validation = None
-    if val_set is not None:
-        validation = hold(feature_dataset(cache, model, val_frame, val_root, device, num_workers, progress,
-                                          masks=False), device, num_workers, progress)
-    trainer = Trainer(model, config, device, rank, world, compile_backend)
-    trainer.run(run_dir, data, validation, resume, num_workers, progress)
+    with exclusive(run_dir / LOCK) if rank == 0 else contextlib.nullcontext():  # one writer per run dir
+        if prepare_run_dir(run_dir, config, identity, resume=resume, overwrite=overwrite, main=rank == 0):
+            if rank == 0:
+                print(f"{run_dir} already holds this finished run; nothing to do")
+            return run_dir
+        seed_everything(config.seed)
+        model = build_model(config).to(device)
+        cache = FeatureCache(cache_dir, config)
+        data = hold(feature_dataset(cache, model, frame, data_root, device, num_workers, progress),
+                    device, num_workers, progress)
+        validation = None
+        if val_set is not None:
+            validation = hold(feature_dataset(cache, model, val_frame, val_root, device, num_workers, progress,
+                                              masks=False), device, num_workers, progress)
+        trainer = Trainer(model, config, device, rank, world, compile_backend)
+        trainer.run(run_dir, data, validation, resume, num_workers, progress)
     return run_dir
 
 

@@ -270,6 +270,22 @@ def test_kill_9_then_resume_gives_bit_identical_weights(run, data, tmp_path):
     assert_same_weights(weights(out), weights(run))
 
 
+def test_two_processes_training_the_same_run_at_once_leave_one_finished_run(run, data, tmp_path):
+    """As two notebooks that need the same run (notebook 04's parallel evaluations): the second waits
+    for the first's lock, then keeps its finished run; the weights are those of a single run."""
+    out = tmp_path / "shared"
+    command = [sys.executable, "-m", "pmoe.cli", "train", "--preset", "tiny", "--train-set", "synthetic-a",
+               "--data-root", str(data["root"]), "--out", str(out), "--epochs", "2", "--resume",
+               "--cache-dir", str(data["cache"]), "--quiet"]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same arithmetic as here
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+                 for _ in range(2)]
+    finished = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in finished]
+    assert sum("nothing to do" in printed for printed, _ in finished) == 1
+    assert_same_weights(weights(out), weights(run))
+
+
 # --- cache equivalence, the command line, learning ----------------------------------------------
 
 def test_cached_and_uncached_training_give_the_same_losses(run, data, tmp_path):
