@@ -91,12 +91,13 @@ def load_weights(model, path) -> None:
     model.load_trainable_state_dict(state)
 
 
-def run_config(run_dir) -> Config:
-    """The config saved in a run directory."""
+def run_config(run_dir, clip_weights: str | None = None) -> Config:
+    """The config saved in a run directory; ``clip_weights`` overrides where its frozen CLIP comes from."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{run_dir} has no {CONFIG}; pass a run directory written by `pmoe train`.")
-    return Config.load(path)
+    config = Config.load(path)
+    return config.replace(clip_weights=clip_weights) if clip_weights is not None else config
 
 
 def load_run(run_dir, clip_weights: str | None = None, weights_file: str = WEIGHTS, clip=None):
@@ -108,9 +109,6 @@ def load_run(run_dir, clip_weights: str | None = None, weights_file: str = WEIGH
     """
     from pmoe.model import build_model
 
-    config = run_config(run_dir)
-    if clip_weights is not None:
-        config = config.replace(clip_weights=clip_weights)
-    model = build_model(config, clip)
+    model = build_model(run_config(run_dir, clip_weights), clip)
     load_weights(model, Path(run_dir) / weights_file)
     return model.eval()

@@ -94,16 +94,10 @@ def evaluate_runs(runs, dataset: str, data_root, *, manifest=None, classes=None,
     the module docstring) and write exactly what :func:`evaluate` with the same options writes.
     The other arguments are :func:`evaluate`'s.
     """
-    from pmoe.checkpoint import WEIGHTS, run_config
     from pmoe.features import feature_key
-    from pmoe.identity import file_sha1
 
     info, frame, selected = _inputs(dataset, data_root, manifest, classes, pro_mode, overlays, batch_size)
-    configs = [run_config(run) for run, _, _ in runs]
-    if clip_weights is not None:
-        configs = [config.replace(clip_weights=clip_weights) for config in configs]
-    keys = [evaluation_key(config, file_sha1(Path(run) / WEIGHTS), info.name, frame, classes, pro_mode, overlays)
-            for config, (run, _, _) in zip(configs, runs)]
+    keys = [run_key(run, clip_weights, info.name, frame, classes, pro_mode, overlays) for run, _, _ in runs]
     frames = [current_metrics(out_dir, key) for (_, out_dir, _), key in zip(runs, keys)]
     pending = [index for index, metrics in enumerate(frames) if metrics is None]
     models = load_runs([runs[index][0] for index in pending], clip_weights)
@@ -131,8 +125,7 @@ def load_runs(run_dirs, clip_weights: str | None = None) -> list:
 
     clips, models = {}, []
     for run in run_dirs:
-        config = run_config(run)
-        config = config.replace(clip_weights=clip_weights) if clip_weights is not None else config
+        config = run_config(run, clip_weights)
         frozen = (config.clip_model, config.clip_weights, config.quick_gelu)
         if frozen not in clips:
             clips[frozen] = load_clip(config)
@@ -241,17 +234,21 @@ def reusable_metrics(run_dir, dataset: str, data_root, out_dir, *, manifest=None
     """The metrics of the finished evaluation in ``out_dir`` when :func:`evaluate` with these
     arguments would compute the same (its key matches), else None. Takes evaluate's keywords;
     those that do not change results (device, batch size, cache, progress ...) are ignored."""
-    from pmoe.checkpoint import WEIGHTS, run_config
     from pmoe.data import dataset_info
-    from pmoe.identity import file_sha1
 
     info = dataset_info(dataset)
-    config = run_config(run_dir)
-    if clip_weights is not None:
-        config = config.replace(clip_weights=clip_weights)
-    key = evaluation_key(config, file_sha1(Path(run_dir) / WEIGHTS), info.name, _manifest(info, data_root, manifest),
-                         classes, pro_mode, overlays)
-    return current_metrics(out_dir, key)
+    frame = _manifest(info, data_root, manifest)
+    return current_metrics(out_dir, run_key(run_dir, clip_weights, info.name, frame, classes, pro_mode, overlays))
+
+
+def run_key(run_dir, clip_weights, dataset: str, frame: pd.DataFrame, classes, pro_mode: str, overlays: int) -> dict:
+    """:func:`evaluation_key` of a run directory (its config with ``clip_weights``, its weights file),
+    read without building the model."""
+    from pmoe.checkpoint import WEIGHTS, run_config
+    from pmoe.identity import file_sha1
+
+    config = run_config(run_dir, clip_weights)
+    return evaluation_key(config, file_sha1(Path(run_dir) / WEIGHTS), dataset, frame, classes, pro_mode, overlays)
 
 
 def current_metrics(out_dir, key: dict):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
 import pmoe
-from pmoe.checkpoint import load_run, load_weights
+from pmoe.checkpoint import load_run, load_weights, run_config
 from pmoe import resident
 from pmoe.cli import build_parser
 from pmoe.cli import main as cli_main
@@ -141,6 +141,8 @@ def test_checkpoint_round_trip(run, data):
     assert_same_weights(model.trainable_state_dict(), saved)
     assert (run / "config.json").is_file() and pmoe.Config.load(run / "config.json") == TINY.replace(epochs=2)
     assert not model.training
+    assert run_config(run) == TINY.replace(epochs=2)
+    assert run_config(run, "/models/clip.pt") == TINY.replace(epochs=2, clip_weights="/models/clip.pt")
 
 
 def test_weights_of_another_config_are_a_clear_error(run):
