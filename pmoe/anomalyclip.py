@@ -37,8 +37,6 @@ shape-checked and ignored.
 from __future__ import annotations
 
 import json
-import pickle
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +44,7 @@ import torch
 from torch import nn
 
 import pmoe
+from pmoe.clip_weights import refused_global
 from pmoe.errors import CheckpointError, ConfigError, DataError
 from pmoe.io import atomic_dir, atomic_path, write_text
 from pmoe.text import PAD_TOKEN, TextEncoder, clip_tokenizer
@@ -166,13 +165,13 @@ def read_checkpoint(path) -> dict:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, KeyError, EOFError... for other files
-        refused = re.search(r"GLOBAL (\S+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
+        refused = refused_global(error)
         if refused is None:
             raise CheckpointError(
                 f"{path} is not a readable torch checkpoint ({type(error).__name__}); pass AnomalyCLIP's epoch_15.pth."
             ) from error
         raise CheckpointError(
-            f"{path} holds a pickled Python object ({refused.group(1)}) that weights-only loading refuses to run. "
+            f"{path} holds a pickled Python object ({refused}) that weights-only loading refuses to run. "
             "AnomalyCLIP's checkpoints hold tensors only: re-save it as "
             "{'prompt_learner': prompt_learner.state_dict()} from a source you trust."
         ) from error

@@ -55,11 +55,11 @@ def load_weights_file(clip, path: Path, name: str) -> None:
         else:
             open_clip.load_checkpoint(clip, str(path), weights_only=True)
     except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        refused = refused_global(error)
         if not refused:
             raise _unreadable(path, name, error) from error
         raise CheckpointError(
-            f"CLIP weights file {path} holds pickled Python objects besides tensors ({refused.group(1)}), "
+            f"CLIP weights file {path} holds pickled Python objects besides tensors ({refused}), "
             "which pmoe does not unpickle (they can run code). Save the weights as a state dict, "
             "torch.save(model.state_dict(), path) or safetensors, or pass OpenAI's original .pt file."
         ) from error
@@ -73,6 +73,13 @@ def load_weights_file(clip, path: Path, name: str) -> None:
         ) from error
     except Exception as error:  # torch, zipfile and safetensors raise many types for a damaged file
         raise _unreadable(path, name, error) from error
+
+
+def refused_global(error: Exception):
+    """The Python object a weights-only ``torch.load`` refused to unpickle, as its message names it
+    (``Unsupported global: GLOBAL module.Name``); None for any other failure."""
+    found = re.search(r"GLOBAL (\S+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    return found.group(1) if found else None
 
 
 def is_torchscript_archive(path) -> bool:

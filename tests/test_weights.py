@@ -14,7 +14,7 @@ from torch import nn
 
 import pmoe
 from pmoe.backbone import load_clip
-from pmoe.clip_weights import is_torchscript_archive
+from pmoe.clip_weights import is_torchscript_archive, refused_global
 from pmoe.config import Config
 from pmoe.errors import CheckpointError
 
@@ -161,3 +161,15 @@ def test_only_the_no_weights_record_is_dropped(monkeypatch, caplog):
     caplog.set_level(logging.WARNING)
     load_clip(TINY)
     assert [record.getMessage() for record in caplog.records] == ["another warning"]
+
+
+def test_refused_global_names_the_object_a_weights_only_load_refused(tmp_path):
+    import pickle
+
+    path = tmp_path / "object.pt"
+    torch.save({"weights": torch.zeros(1), "object": zipfile.ZipInfo("x")}, path)
+    with pytest.raises(pickle.UnpicklingError) as refused:
+        torch.load(path, weights_only=True)
+    assert refused_global(refused.value) == "zipfile.ZipInfo"
+    assert refused_global(pickle.UnpicklingError("invalid load key, 'x'.")) is None
+    assert refused_global(ValueError("GLOBAL os.system")) is None
