@@ -93,14 +93,13 @@ def notebook_inputs(preset: str, data_root: str, clip_weights: str, out_dir: str
     and tiny random CLIP, OpenAI's weights for the paper, ``results/run-<preset>``. Relative
     paths start at the repository, wherever the notebook runs.
     """
-    from pmoe.reproduce import PRESETS
+    from pmoe.reproduce import PRESETS, preset_inputs
 
     if preset not in PRESETS:
         raise PmoeError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {preset!r}.")
-    defaults = PRESETS[preset]
-    data_root, clip_weights = data_root or defaults["data_root"], clip_weights or defaults["clip_weights"]
+    data_root, clip_weights, out_dir = preset_inputs(preset, data_root, clip_weights, out_dir)
     check_inputs(preset, data_root, clip_weights, datasets)
-    return repo_path(data_root), clip_weights, repo_path(out_dir or f"results/run-{preset}")
+    return repo_path(data_root), clip_weights, repo_path(out_dir)
 
 
 def check_inputs(preset: str, data_root, clip_weights: str, datasets=()) -> None:

@@ -66,21 +66,29 @@ def notebook_paths(selection=None) -> list:
     return paths
 
 
+def preset_inputs(preset: str, data_root=None, clip_weights=None, out_dir=None) -> tuple:
+    """``(data_root, clip_weights, out_dir)`` with the empty ones taken from the known ``preset``:
+    its data folder (None for paper, which has none), its CLIP weights, ``results/run-<preset>``."""
+    defaults = PRESETS[preset]
+    return (data_root or defaults["data_root"], clip_weights or defaults["clip_weights"],
+            out_dir or f"results/run-{preset}")
+
+
 def common_parameters(preset: str, data_root=None, clip_weights=None, out_dir=None, datasets=None,
                       seeds=None) -> dict:
     """The parameters every notebook may declare, resolved to absolute paths."""
     if preset not in PRESETS:
         raise PmoeError(f"unknown preset {preset!r} for reproduce; use one of {', '.join(PRESETS)}.")
     defaults = PRESETS[preset]
-    data_root = data_root or defaults["data_root"]
+    data_root, clip_weights, out_dir = preset_inputs(preset, data_root, clip_weights, out_dir)
     if data_root is None:
         raise PmoeError("--preset paper needs --data-root PATH: the folder holding one sub-folder per dataset "
                         "(mvtec, visa, ...), see README 'Real data'.")
     params = {
         "preset": preset,
         "data_root": str((REPO / data_root).resolve()),
-        "clip_weights": clip_weights or defaults["clip_weights"],
-        "out_dir": str((REPO / (out_dir or f"results/run-{preset}")).resolve()),
+        "clip_weights": clip_weights,
+        "out_dir": str((REPO / out_dir).resolve()),
         "parallel": defaults["parallel"],
         "seeds": [int(seed) for seed in (seeds or defaults["seeds"])],
     }

@@ -68,6 +68,12 @@ def test_unknown_preset_and_missing_paper_data_root_are_clear_errors():
         reproduce.common_parameters("paper")
 
 
+def test_preset_inputs_fill_only_the_empty_values():
+    assert reproduce.preset_inputs("demo") == ("data/demo", "random", "results/run-demo")
+    assert reproduce.preset_inputs("paper", "", "", "") == (None, "openai", "results/run-paper")
+    assert reproduce.preset_inputs("tiny", "d", "w.pt", "o") == ("d", "w.pt", "o")
+
+
 def test_batch_records_failures_and_keeps_going(tmp_path, monkeypatch):
     """A batch over two 'datasets', the first failing: both outcomes recorded, the second ok."""
     source = tmp_path / "nb.ipynb"
